@@ -1,0 +1,432 @@
+"""Raft-style election between agents, with no external service (goelect's design, fixed).
+
+Followers, candidates, a leader; terms; a randomized election timeout in [T, 2T]; one vote
+per term; a majority of *voting* members wins; ``no_vote`` members follow but never vote or
+lead. Beyond goelect:
+
+- pre-vote: a node first asks whether it *could* win, without bumping anyone's term, so a
+  node returning from a partition does not depose a healthy leader;
+- leader stickiness: a voter that heard from a leader within T refuses votes (except for a
+  leadership transfer), and the leader keeps its lease only while a majority acked a
+  heartbeat round within T of that round's *start*; so the old leader's lease has always
+  run out before a majority can elect another (self-fencing, no split brain);
+- leadership transfer (``TimeoutNow``): a resigning leader tells a successor to campaign at
+  once, so handover takes one round trip rather than an election timeout;
+- every RPC has its own timeout, and the leader is known even when some peers are down.
+
+Peer RPC: one JSON line each way over TCP. The fencing token is the term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, field_validator
+
+from agent.backends.base import Backend, BackendOptions, Lease, Lost, Misconfigured, Seat
+from agent.durations import parse_duration
+
+log = logging.getLogger(__name__)
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+MAX_LINE = 4096
+
+
+class Peer(BackendOptions):
+    address: str
+    no_vote: bool = False
+
+
+def _peer(value: Any) -> Any:
+    return {"address": value} if isinstance(value, str) else value
+
+
+class RaftOptions(BackendOptions):
+    listen: str
+    peers: list[Annotated[Peer, BeforeValidator(_peer)]] = []
+    heartbeat: Duration = 0.2
+    election_timeout: Duration = 1.0
+    no_vote: bool = False
+    rpc_timeout: Duration | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        from agent.config import parse_host_port
+
+        parse_host_port(value)
+        return value
+
+
+class RaftBackend(Backend):
+    name = "raft"
+    Options = RaftOptions
+    notifies = True
+
+    @classmethod
+    def check_options(cls, options: RaftOptions, ttl: float) -> tuple[str, str] | None:
+        from agent.config import parse_host_port
+
+        if options.heartbeat * 2 > options.election_timeout:
+            return "heartbeat", "must be at most half of election_timeout"
+        for i, peer in enumerate(options.peers):
+            try:
+                parse_host_port(peer.address)
+            except ValueError as exc:
+                return f"peers[{i}]", str(exc)
+        return None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        opts: RaftOptions = self.options
+        self.node = RaftNode(
+            election=self.election,
+            node_id=self.agent_id,
+            listen=opts.listen,
+            peers=[p for p in opts.peers if p.address != opts.listen],
+            heartbeat=opts.heartbeat,
+            election_timeout=opts.election_timeout,
+            no_vote=opts.no_vote,
+            rpc_timeout=opts.rpc_timeout or opts.heartbeat,
+        )
+
+    @property
+    def renew_interval(self) -> float:
+        return self.node.heartbeat
+
+    @property
+    def retry_interval(self) -> float:
+        return self.node.election_timeout
+
+    async def open(self) -> None:
+        try:
+            await self.node.start()
+        except OSError as exc:
+            raise Misconfigured(f"cannot listen on {self.options.listen}: {exc.strerror}") from None
+
+    async def campaign(self) -> Lease | None:
+        self.node.eligible = True
+        return self.node.lease()
+
+    async def renew(self, lease: Lease) -> Lease:
+        current = self.node.lease()
+        if current is None or current.token != lease.token:
+            raise Lost(f"no longer leader of term {lease.token}")
+        return current
+
+    async def resign(self, lease: Lease) -> None:
+        await self.transfer(lease, None)
+
+    async def transfer(self, lease: Lease, successor: str | None) -> bool:
+        await self.node.step_down(successor)
+        return True
+
+    async def observe(self) -> Seat:
+        return Seat(self.node.known_leader(), self.node.term)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        await self.node.wait_changed(timeout)
+
+    async def close(self) -> None:
+        await self.node.stop()
+
+
+class RaftNode:
+    """The protocol state machine and its TCP server."""
+
+    def __init__(
+        self,
+        *,
+        election: str,
+        node_id: str,
+        listen: str,
+        peers: list[Peer],
+        heartbeat: float,
+        election_timeout: float,
+        no_vote: bool,
+        rpc_timeout: float,
+    ) -> None:
+        from agent.config import parse_host_port
+
+        self.election = election
+        self.id = node_id
+        self.listen = parse_host_port(listen)
+        self.peers = [parse_host_port(p.address) for p in peers]
+        self.peer_voter = {parse_host_port(p.address): not p.no_vote for p in peers}
+        self.heartbeat = heartbeat
+        self.election_timeout = election_timeout
+        self.no_vote = no_vote
+        self.rpc_timeout = rpc_timeout
+        voters = sum(self.peer_voter.values()) + (0 if no_vote else 1)
+        self.quorum = voters // 2 + 1
+
+        self.term = 0
+        self.voted_for: str | None = None
+        self.role = "follower"
+        self.leader_id: str | None = None
+        self.last_heard = -1e9  # monotonic time of the last valid leader heartbeat
+        self.lease_until = 0.0
+        #: Campaign only when the runner asks (it holds off after a resign).
+        self.eligible = False
+        self.peer_ids: dict[tuple[str, int], str] = {}
+        self._changed = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._deadline = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        host, port = self.listen
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+        self._reset_deadline()
+        self._task = asyncio.create_task(self._loop(), name=f"raft {self.election}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._server:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+    # -- what the backend reads ---------------------------------------------------------
+
+    def lease(self) -> Lease | None:
+        if self.role == "leader" and time.monotonic() < self.lease_until:
+            return Lease(self.term, self.lease_until)
+        return None
+
+    def known_leader(self) -> str | None:
+        if self.role == "leader":
+            return self.id if self.lease() else None
+        if self.leader_id and time.monotonic() - self.last_heard < self.election_timeout * 2:
+            return self.leader_id
+        return None
+
+    async def wait_changed(self, timeout: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def step_down(self, successor: str | None) -> None:
+        """Stop leading; ask a successor (or any reachable voter) to campaign at once."""
+        if self.role != "leader":
+            return
+        term = self.term
+        self._become_follower(term, None)
+        self.eligible = False
+        targets = (
+            [a for a, ident in self.peer_ids.items() if ident == successor] if successor else []
+        )
+        if not targets:
+            targets = [a for a in self.peers if self.peer_voter[a]]
+            random.shuffle(targets)
+        for address in targets:
+            reply = await self._rpc(address, {"type": "timeout_now", "term": term, "from": self.id})
+            if reply and reply.get("ok"):
+                return
+
+    # -- the timer loop -------------------------------------------------------------------
+
+    def _reset_deadline(self) -> None:
+        self._deadline = time.monotonic() + random.uniform(
+            self.election_timeout, 2 * self.election_timeout
+        )
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    def _become_follower(self, term: int, leader: str | None) -> None:
+        if term > self.term:
+            self.term, self.voted_for = term, None
+        was_leader = self.role == "leader"
+        self.role = "follower"
+        self.leader_id = leader
+        self.lease_until = 0.0
+        if was_leader or leader:
+            self._notify()
+
+    async def _loop(self) -> None:
+        while True:
+            if self.role == "leader":
+                await self._lead_round()
+                continue
+            left = self._deadline - time.monotonic()
+            if left > 0:
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), left)
+                continue
+            self._reset_deadline()
+            if self.eligible and not self.no_vote:
+                await self._campaign(pre_vote=True)
+
+    async def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
+        if pre_vote and not await self._ballot(self.term + 1, pre=True, transfer=False):
+            return
+        self.term += 1
+        self.voted_for = self.id
+        self.role = "candidate"
+        self.leader_id = None
+        self._notify()
+        term = self.term
+        started = time.monotonic()
+        won = await self._ballot(term, pre=False, transfer=transfer)
+        if won and self.role == "candidate" and self.term == term:
+            self.role = "leader"
+            self.leader_id = self.id
+            # Voters that granted will not vote again before `started + T`.
+            self.lease_until = started + self.election_timeout
+            self._notify()
+        elif self.role == "candidate":
+            self.role = "follower"
+            self._notify()
+
+    async def _ballot(self, term: int, *, pre: bool, transfer: bool) -> bool:
+        message = {
+            "type": "vote",
+            "term": term,
+            "candidate": self.id,
+            "pre": pre,
+            "transfer": transfer,
+        }
+        replies = await asyncio.gather(*(self._rpc(a, message) for a in self.peers))
+        votes = 1
+        for reply in replies:
+            if not reply:
+                continue
+            if reply.get("term", 0) > self.term and not reply.get("granted"):
+                self._become_follower(reply["term"], None)
+                return False
+            if reply.get("granted"):
+                votes += 1
+        return votes >= self.quorum
+
+    async def _lead_round(self) -> None:
+        started = time.monotonic()
+        term = self.term
+        message = {"type": "append", "term": term, "leader": self.id}
+        replies = await asyncio.gather(*(self._rpc(a, message) for a in self.peers))
+        if self.role != "leader" or self.term != term:
+            return
+        acks = 1
+        for reply in replies:
+            if not reply:
+                continue
+            if reply.get("term", 0) > term:
+                self._become_follower(reply["term"], None)
+                return
+            if reply.get("ok") and reply.get("voter"):
+                acks += 1
+        if acks >= self.quorum:
+            self.lease_until = max(self.lease_until, started + self.election_timeout)
+        if time.monotonic() >= self.lease_until:
+            log.warning("raft %s: lost quorum in term %s; stepping down", self.election, term)
+            self._become_follower(term, None)
+            return
+        await asyncio.sleep(max(0.0, self.heartbeat - (time.monotonic() - started)))
+
+    # -- RPC ----------------------------------------------------------------------------
+
+    async def _rpc(
+        self, address: tuple[str, int], message: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        message = {**message, "election": self.election}
+        writer = None
+        try:
+            async with asyncio.timeout(self.rpc_timeout):
+                reader, writer = await asyncio.open_connection(*address, limit=MAX_LINE)
+                writer.write(json.dumps(message).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            reply = json.loads(line)
+            if isinstance(reply, dict) and isinstance(reply.get("id"), str):
+                self.peer_ids[address] = reply["id"]
+                return reply
+            return None
+        except (OSError, TimeoutError, ValueError):
+            return None
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.rpc_timeout * 2):
+                line = await reader.readline()
+            request = json.loads(line)
+            reply = self._handle(request) if isinstance(request, dict) else {"error": "bad request"}
+        except (ValueError, TimeoutError, asyncio.LimitOverrunError, OSError):
+            reply = {"error": "bad request"}
+        reply["id"] = self.id
+        reply.setdefault("term", self.term)
+        with contextlib.suppress(OSError):
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+
+    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("election") != self.election:
+            return {"error": f"this node serves election {self.election!r}"}
+        term = request.get("term")
+        if not isinstance(term, int):
+            return {"error": "bad term"}
+        kind = request.get("type")
+        if kind == "append":
+            return self._on_append(term, str(request.get("leader")))
+        if kind == "vote":
+            return self._on_vote(
+                term,
+                str(request.get("candidate")),
+                bool(request.get("pre")),
+                bool(request.get("transfer")),
+            )
+        if kind == "timeout_now":
+            return self._on_timeout_now(term)
+        return {"error": f"unknown type {kind!r}"}
+
+    def _on_append(self, term: int, leader: str) -> dict[str, Any]:
+        if term < self.term:
+            return {"ok": False}
+        if self.role != "follower" or self.leader_id != leader or term > self.term:
+            self._become_follower(term, leader)
+        self.last_heard = time.monotonic()
+        self._reset_deadline()
+        self._kick.set()
+        return {"ok": True, "voter": not self.no_vote}
+
+    def _on_vote(self, term: int, candidate: str, pre: bool, transfer: bool) -> dict[str, Any]:
+        if self.no_vote:
+            return {"granted": False, "voter": False}
+        heard_recently = time.monotonic() - self.last_heard < self.election_timeout
+        if self.role == "leader" and not transfer:
+            return {"granted": False}
+        if heard_recently and not transfer:
+            return {"granted": False}  # leader stickiness: a healthy leader keeps its seat
+        if term < self.term or (pre and term <= self.term):
+            return {"granted": False}
+        if pre:
+            return {"granted": True}
+        if term > self.term:
+            self._become_follower(term, None)
+        if self.voted_for in (None, candidate):
+            self.voted_for = candidate
+            self._reset_deadline()
+            return {"granted": True}
+        return {"granted": False}  # one vote per term
+
+    def _on_timeout_now(self, term: int) -> dict[str, Any]:
+        if term < self.term or self.no_vote or not self.eligible:
+            return {"ok": False}
+        asyncio.get_running_loop().create_task(self._campaign(pre_vote=False, transfer=True))
+        return {"ok": True}

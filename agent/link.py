@@ -1,0 +1,167 @@
+"""The agent's websocket link to the dashboard: hello, events from the spool, heartbeats,
+commands. Visibility never decides leadership: this link failing changes no election."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from agent import protocol
+from agent.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class DashboardLink:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        spool: Spool,
+        *,
+        hello: Callable[[], protocol.Hello],
+        heartbeat: Callable[[], protocol.Heartbeat],
+        on_command: Callable[[protocol.Command], Awaitable[protocol.Result]],
+        heartbeat_interval: float = 3.0,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.spool = spool
+        self.hello = hello
+        self.heartbeat = heartbeat
+        self.on_command = on_command
+        self.heartbeat_interval = heartbeat_interval
+        self.connected = False
+        self.last_error: str | None = None
+        self.acked = 0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def notify(self) -> None:
+        """New events are in the spool."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                async with connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self.token}"},
+                    max_size=protocol.MAX_FRAME_BYTES,
+                    open_timeout=10,
+                    ping_interval=10,
+                    ping_timeout=10,
+                ) as ws:
+                    delay = 0.2
+                    await self._session(ws)
+            except asyncio.CancelledError:
+                raise
+            except InvalidStatus as exc:
+                self.last_error = (
+                    f"dashboard refused the connection: HTTP {exc.response.status_code}"
+                )
+                log.error("%s (check the agent token)", self.last_error)
+                delay = 5.0
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                self.last_error = f"dashboard unreachable: {exc or type(exc).__name__}"
+                log.warning("%s", self.last_error)
+            finally:
+                self.connected = False
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 10.0)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        await ws.send(protocol.dump(self.hello()))
+        # The dashboard answers the hello with the highest seq it has stored.
+        first = protocol.parse_dashboard_frame(await asyncio.wait_for(ws.recv(), timeout=10))
+        if isinstance(first, protocol.Error):
+            self.last_error = f"dashboard: {first.code}: {first.message}"
+            log.error("%s", self.last_error)
+            await asyncio.sleep(5)
+            return
+        if isinstance(first, protocol.Ack):
+            self._acked(first.seq)
+        self.connected = True
+        self.last_error = None
+        log.info("connected to %s", self.url)
+        sender = asyncio.create_task(self._send_loop(ws))
+        try:
+            async for text in ws:
+                await self._receive(ws, text)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, websockets.WebSocketException):
+                await sender
+
+    def _acked(self, seq: int) -> None:
+        self.spool.ack(seq)
+        self.acked = seq
+        if not self.spool.count():
+            self._drained.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until the dashboard has acked every spooled event."""
+        if not self.spool.count():
+            return True
+        self._drained.clear()
+        self.notify()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _receive(self, ws: ClientConnection, text: str | bytes) -> None:
+        try:
+            frame = protocol.parse_dashboard_frame(text)
+        except protocol.ProtocolError as exc:
+            log.warning("ignoring a bad frame from the dashboard: %s", exc)
+            return
+        if isinstance(frame, protocol.Ack):
+            self._acked(frame.seq)
+        elif isinstance(frame, protocol.Error):
+            log.warning("dashboard error %s: %s", frame.code, frame.message)
+        elif isinstance(frame, protocol.Command):
+            task = asyncio.create_task(self._run_command(ws, frame))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_command(self, ws: ClientConnection, command: protocol.Command) -> None:
+        result = await self.on_command(command)
+        with contextlib.suppress(websockets.WebSocketException):
+            await ws.send(protocol.dump(result))
+
+    async def _send_loop(self, ws: ClientConnection) -> None:
+        sent = self.acked
+        next_beat = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self.spool.pending(
+                after=max(sent, self.acked), limit=protocol.MAX_EVENTS_PER_FRAME
+            )
+            if batch:
+                # Keep the frame under the size limit: halve the batch until it fits.
+                while True:
+                    text = protocol.dump(protocol.Events(items=batch))
+                    if len(text) <= protocol.MAX_FRAME_BYTES or len(batch) == 1:
+                        break
+                    batch = batch[: len(batch) // 2]
+                await ws.send(text)
+                sent = batch[-1]["seq"]
+                continue
+            now = loop.time()
+            if now >= next_beat:
+                await ws.send(protocol.dump(self.heartbeat()))
+                next_beat = now + self.heartbeat_interval
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_beat - loop.time()))

@@ -1,0 +1,183 @@
+"""The agent <-> dashboard wire protocol (ARCHITECTURE section 4, a contract).
+
+Both sides import this module: the agent to build frames, the dashboard to validate them.
+Frames are JSON text objects with a ``type`` field. Nothing here imports Django.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+MAX_FRAME_BYTES = 64 * 1024
+MAX_EVENTS_PER_FRAME = 500
+MAX_ELECTIONS_PER_AGENT = 1000
+#: Consecutive invalid frames after which the dashboard closes the socket.
+MAX_ERRORS = 10
+#: Close code for repeated protocol abuse.
+CLOSE_ABUSE = 4400
+#: Close code when the hello names another agent than the token's.
+CLOSE_WRONG_AGENT = 4403
+
+STATES = ("follower", "candidate", "leader", "observer", "no-vote")
+#: Why a term ended (ARCHITECTURE section 3).
+END_REASONS = ("resigned", "forced", "expired", "lost", "agent-offline", "superseded")
+
+State = Literal["follower", "candidate", "leader", "observer", "no-vote"]
+EndReason = Literal["resigned", "forced", "expired", "lost", "agent-offline", "superseded"]
+Name = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+]
+AgentId = Annotated[
+    str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+Short = Annotated[str, Field(max_length=500)]
+
+
+class Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ElectionInfo(Frame):
+    name: Name
+    backend: Annotated[str, Field(min_length=1, max_length=20)]
+    labels: dict[Annotated[str, Field(max_length=50)], Annotated[str, Field(max_length=100)]] = {}
+    ttl: Annotated[float, Field(gt=0, le=86400)]
+
+
+class Hello(Frame):
+    type: Literal["hello"] = "hello"
+    agent: AgentId
+    hostname: Annotated[str, Field(max_length=255)] = ""
+    version: Annotated[str, Field(max_length=50)] = ""
+    elections: Annotated[list[ElectionInfo], Field(max_length=MAX_ELECTIONS_PER_AGENT)] = []
+    last_seq: Annotated[int, Field(ge=0)] = 0
+
+
+class Event(Frame):
+    """One state transition of one agent in one election."""
+
+    seq: Annotated[int, Field(ge=1)]
+    election: Name
+    from_: State = Field(alias="from")
+    to: State
+    token: Annotated[int, Field(ge=0)] | None = None
+    leader: AgentId | None = None
+    at: datetime
+    detail: Short = ""
+    #: Set when a leader leaves the seat: why its term ended.
+    reason: EndReason | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Events(Frame):
+    type: Literal["events"] = "events"
+    items: Annotated[list[Event], Field(min_length=1, max_length=MAX_EVENTS_PER_FRAME)]
+
+
+class ElectionState(Frame):
+    state: State
+    leader: AgentId | None = None
+    token: Annotated[int, Field(ge=0)] | None = None
+    ttl_left: Annotated[float, Field(ge=0)] | None = None
+
+
+class Heartbeat(Frame):
+    type: Literal["heartbeat"] = "heartbeat"
+    at: datetime
+    states: dict[Name, ElectionState] = {}
+
+
+class Result(Frame):
+    type: Literal["result"] = "result"
+    command: Annotated[int, Field(ge=1)]
+    ok: bool
+    detail: Short = ""
+    #: The fencing token the agent saw after acting (a new leader's), when it knows one.
+    token: Annotated[int, Field(ge=0)] | None = None
+
+
+class Ack(Frame):
+    type: Literal["ack"] = "ack"
+    seq: Annotated[int, Field(ge=0)]
+
+
+class Error(Frame):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+class Command(Frame):
+    type: Literal["command"] = "command"
+    id: Annotated[int, Field(ge=1)]
+    kind: Literal["step-down", "switchover"]
+    election: Name
+    successor: AgentId | None = None
+    hold_off: Annotated[float, Field(ge=0, le=3600)] = 5.0
+
+
+AgentFrame = Annotated[Hello | Events | Heartbeat | Result, Field(discriminator="type")]
+DashboardFrame = Annotated[Ack | Error | Command, Field(discriminator="type")]
+_agent_frames: TypeAdapter[AgentFrame] = TypeAdapter(AgentFrame)
+_dashboard_frames: TypeAdapter[DashboardFrame] = TypeAdapter(DashboardFrame)
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be accepted; ``code`` is sent back in the ``error`` frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _load(text: str | bytes) -> Any:
+    if len(text) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            "too-large", f"frame is {len(text)} bytes; the limit is {MAX_FRAME_BYTES}"
+        )
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("bad-json", f"frame is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad-frame", "frame must be a JSON object")
+    return data
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "frame"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_agent_frame(text: str | bytes) -> Hello | Events | Heartbeat | Result:
+    """Validate a frame sent by an agent, or raise ProtocolError naming the problem."""
+    data = _load(text)
+    kind = data.get("type")
+    if kind not in ("hello", "events", "heartbeat", "result"):
+        raise ProtocolError("unknown-type", f"unknown frame type {kind!r}")
+    try:
+        return _agent_frames.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("invalid", f"invalid {kind} frame: {_explain(exc)}") from None
+
+
+def parse_dashboard_frame(text: str | bytes) -> Ack | Error | Command:
+    """Validate a frame sent by the dashboard."""
+    data = _load(text)
+    try:
+        return _dashboard_frames.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("invalid", _explain(exc)) from None
+
+
+def dump(frame: Frame) -> str:
+    return frame.model_dump_json(by_alias=True, exclude_none=True)

@@ -1,0 +1,193 @@
+"""The Raft-style backend: one leader per term, re-election, no-vote members, pre-vote,
+one vote per term, leadership transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from agent.backends.raft import RaftBackend, RaftOptions
+from agent.config import ElectionConfig
+from agent.runner import ElectionRunner
+from tests.helpers import eventually, free_port
+
+
+def make_cluster(
+    n: int, *, no_vote: set[int] = frozenset(), election: str = "svc/raft", timeout: str = "300ms"
+) -> list[ElectionRunner]:
+    ports = [free_port() for _ in range(n)]
+    peers = [{"address": f"127.0.0.1:{p}", "no_vote": i in no_vote} for i, p in enumerate(ports)]
+    runners = []
+    for i, port in enumerate(ports):
+        options = RaftOptions.model_validate(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "peers": peers,
+                "heartbeat": "50ms",
+                "election_timeout": timeout,
+                "no_vote": i in no_vote,
+            }
+        )
+        config = ElectionConfig(
+            name=election, backend="raft", ttl=1.0, labels={}, observer=False, options=options
+        )
+        runners.append(ElectionRunner(config, f"node-{i}", hold_off=1.0))
+    return runners
+
+
+def leaders(runners: list[ElectionRunner]) -> list[ElectionRunner]:
+    return [r for r in runners if r.is_leader()]
+
+
+async def start(runners: list[ElectionRunner]) -> None:
+    for r in runners:
+        await r.start()
+
+
+async def stop(runners: list[ElectionRunner]) -> None:
+    await asyncio.gather(*(r.stop(resign=False) for r in runners))
+
+
+async def test_elects_exactly_one_leader_and_followers_agree() -> None:
+    runners = make_cluster(3)
+    await start(runners)
+    try:
+        [leader] = await eventually(lambda: leaders(runners) if len(leaders(runners)) == 1 else None)
+        await eventually(lambda: all(r.leader == leader.agent_id for r in runners))
+        assert {r.state for r in runners if r is not leader} == {"follower"}
+        assert all(r.token == leader.token for r in runners)
+    finally:
+        await stop(runners)
+
+
+async def test_at_most_one_leader_per_term_over_many_elections() -> None:
+    runners = make_cluster(3)
+    seen: dict[int, set[str]] = {}
+    await start(runners)
+    try:
+        deadline = time.monotonic() + 4
+        kills = 0
+        while time.monotonic() < deadline:
+            for r in runners:
+                if r.is_leader():
+                    seen.setdefault(r.token, set()).add(r.agent_id)
+            current = leaders(runners)
+            assert len(current) <= 1, [r.agent_id for r in current]
+            if current and kills < 3 and time.monotonic() > deadline - 3.5 + kills:
+                # Force churn: the leader steps down, another must win a later term.
+                await current[0].step_down(hold_off=0.5)
+                kills += 1
+            await asyncio.sleep(0.01)
+        assert kills == 3
+        assert len(seen) >= 3, seen
+        assert all(len(ids) == 1 for ids in seen.values()), seen
+    finally:
+        await stop(runners)
+
+
+async def test_reelects_after_the_leader_stops() -> None:
+    runners = make_cluster(3)
+    await start(runners)
+    try:
+        [old] = await eventually(lambda: leaders(runners) or None)
+        old_term = old.token
+        # A crash, not a resign: the node just vanishes.
+        await old.backend.close()
+        rest = [r for r in runners if r is not old]
+        started = time.monotonic()
+        [new] = await eventually(lambda: leaders(rest) or None, timeout=5)
+        assert new.token > old_term
+        assert time.monotonic() - started < 1.5  # 2 x election timeout + a vote round
+        await eventually(lambda: not old.is_leader(), timeout=2)
+    finally:
+        await stop(runners)
+
+
+async def test_no_vote_members_never_lead() -> None:
+    runners = make_cluster(3, no_vote={2})
+    await start(runners)
+    try:
+        for _ in range(3):
+            [leader] = await eventually(lambda: leaders(runners) or None)
+            assert leader is not runners[2]
+            assert runners[2].state == "no-vote"
+            await leader.step_down(hold_off=0.2)
+        await eventually(lambda: runners[2].leader is not None)
+        assert not runners[2].is_leader()
+    finally:
+        await stop(runners)
+
+
+async def test_two_voters_and_a_no_vote_member_need_both_voters() -> None:
+    runners = make_cluster(3, no_vote={2})
+    await start(runners)
+    try:
+        [leader] = await eventually(lambda: leaders(runners) or None)
+        other_voter = runners[1] if leader is runners[0] else runners[0]
+        await other_voter.backend.close()
+        # Quorum of 2 voters is 2: the leader loses its lease and nobody can win.
+        await eventually(lambda: not leader.is_leader(), timeout=2)
+        await asyncio.sleep(1.0)
+        assert leaders(runners) == []
+    finally:
+        await stop(runners)
+
+
+async def test_a_node_votes_once_per_term() -> None:
+    [node] = [r.backend.node for r in make_cluster(1)]
+    node.term = 5
+    assert node._on_vote(6, "a", pre=False, transfer=False)["granted"]
+    assert not node._on_vote(6, "b", pre=False, transfer=False)["granted"]
+    assert node._on_vote(6, "a", pre=False, transfer=False)["granted"]  # a retry is no second vote
+    assert node._on_vote(7, "b", pre=False, transfer=False)["granted"]
+
+
+async def test_pre_vote_does_not_disturb_a_healthy_leader() -> None:
+    runners = make_cluster(3)
+    await start(runners)
+    try:
+        [leader] = await eventually(lambda: leaders(runners) or None)
+        follower = next(r for r in runners if r is not leader)
+        term = leader.token
+        # The follower is "partitioned": it stops hearing heartbeats and times out repeatedly.
+        node = follower.backend.node
+        for _ in range(5):
+            node.last_heard = -1e9
+            await node._campaign(pre_vote=True)
+        # Its pre-votes are refused by nodes that hear the leader; no term was bumped.
+        assert leader.is_leader()
+        assert leader.backend.node.term == term
+        assert node.term == term
+    finally:
+        await stop(runners)
+
+
+async def test_leadership_transfer_hands_over_to_the_named_successor() -> None:
+    runners = make_cluster(3)
+    await start(runners)
+    try:
+        [leader] = await eventually(lambda: leaders(runners) or None)
+        await eventually(lambda: len(leader.backend.node.peer_ids) == 2)
+        successor = next(r for r in runners if r is not leader)
+        started = time.monotonic()
+        result = await leader.step_down(hold_off=1.0, successor=successor.agent_id)
+        assert result.ok, result.detail
+        await eventually(successor.is_leader, timeout=0.5)
+        assert time.monotonic() - started < 0.5
+        assert result.token == successor.token > 0
+    finally:
+        await stop(runners)
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        RaftOptions.model_validate({"listen": "nowhere"})
+    options = RaftOptions.model_validate(
+        {"listen": "127.0.0.1:1", "heartbeat": "1s", "election_timeout": "1s"}
+    )
+    assert RaftBackend.check_options(options, 10) == (
+        "heartbeat",
+        "must be at most half of election_timeout",
+    )
