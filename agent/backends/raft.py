@@ -128,6 +128,7 @@ class RaftBackend(Backend):
         return True
 
     async def observe(self) -> Seat:
+        self.node.mark_read()
         return Seat(self.node.known_leader(), self.node.term)
 
     async def wait_for_change(self, timeout: float) -> None:
@@ -213,8 +214,11 @@ class RaftNode:
             return self.leader_id
         return None
 
-    async def wait_changed(self, timeout: float) -> None:
+    def mark_read(self) -> None:
+        """The caller is about to read the state: later changes will wake ``wait_changed``."""
         self._changed.clear()
+
+    async def wait_changed(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
@@ -288,6 +292,7 @@ class RaftNode:
             # Voters that granted will not vote again before `started + T`.
             self.lease_until = started + self.election_timeout
             self._notify()
+            self._kick.set()  # start heartbeating now, not at the next timer tick
         elif self.role == "candidate":
             self.role = "follower"
             self._notify()
