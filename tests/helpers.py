@@ -14,7 +14,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def eventually(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+async def eventually(
+    check: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> object:
     """Poll ``check`` until it returns something truthy; fail with the last value."""
     deadline = time.monotonic() + timeout
     value: object = None

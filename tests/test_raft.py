@@ -54,7 +54,9 @@ async def test_elects_exactly_one_leader_and_followers_agree() -> None:
     runners = make_cluster(3)
     await start(runners)
     try:
-        [leader] = await eventually(lambda: leaders(runners) if len(leaders(runners)) == 1 else None)
+        [leader] = await eventually(
+            lambda: leaders(runners) if len(leaders(runners)) == 1 else None
+        )
         await eventually(lambda: all(r.leader == leader.agent_id for r in runners))
         assert {r.state for r in runners if r is not leader} == {"follower"}
         assert all(r.token == leader.token for r in runners)

@@ -1,0 +1,173 @@
+"""The real servers the tests talk to.
+
+PostgreSQL, Redis and NATS run on this machine already (see README); etcd and an
+S3-compatible server (moto) are started here on free ports and stopped at the end of the
+session. A server that is missing or down fails the tests that need it: never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port
+
+PG_DSN = os.environ.get("ELECTORATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("ELECTORATE_TEST_REDIS", "redis://127.0.0.1:6379/14")
+NATS_URL = os.environ.get("ELECTORATE_TEST_NATS", "nats://127.0.0.1:4222")
+
+
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = rest.partition(":")
+    return host or "127.0.0.1", int(port or default_port)
+
+
+def require_tcp(name: str, host: str, port: int, hint: str) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as exc:
+        pytest.fail(f"{name} is not reachable on {host}:{port} ({exc}). {hint}", pytrace=False)
+
+
+def wait_tcp(
+    host: str, port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited with code {proc.returncode} at start", pytrace=False)
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"{name} did not listen on {host}:{port} within {timeout}s", pytrace=False)
+
+
+@dataclass
+class Managed:
+    """A server process this test session owns."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    workdir: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_etcd() -> Managed:
+    binary = shutil.which("etcd")
+    if not binary:
+        pytest.fail(
+            "etcd is not installed: run `make test` (it installs Debian's etcd-server)",
+            pytrace=False,
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="electorate-etcd-"))
+    client, peer = free_port(), free_port()
+    url = f"http://127.0.0.1:{client}"
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--name",
+            "test",
+            "--data-dir",
+            str(workdir / "data"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"test=http://127.0.0.1:{peer}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "etcd.log", "wb"),  # noqa: SIM115 - owned by the process
+    )
+    wait_tcp("127.0.0.1", client, proc, "etcd")
+    return Managed(proc, url, workdir)
+
+
+def start_moto() -> Managed:
+    binary = Path(sys.executable).with_name("moto_server")
+    if not binary.exists():
+        pytest.fail(
+            "moto_server is not installed: run `make test` (it installs moto[server])",
+            pytrace=False,
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="electorate-s3-"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "moto.log", "wb"),  # noqa: SIM115 - owned by the process
+    )
+    wait_tcp("127.0.0.1", port, proc, "moto_server")
+    return Managed(proc, f"http://127.0.0.1:{port}", workdir)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    require_tcp("PostgreSQL", *_host_port(PG_DSN, 5432), "It should run on 127.0.0.1:5432.")
+    return PG_DSN
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    require_tcp("Redis", *_host_port(REDIS_URL, 6379), "It should run on 127.0.0.1:6379.")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    require_tcp(
+        "NATS", *_host_port(NATS_URL, 4222), "It should run with JetStream on 127.0.0.1:4222."
+    )
+    return NATS_URL
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[Managed]:
+    server = start_etcd()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_url(etcd_server: Managed) -> str:
+    return etcd_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Managed]:
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_url(s3_server: Managed) -> str:
+    return s3_server.url
