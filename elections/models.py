@@ -1,0 +1,153 @@
+"""The domain: agents, elections, memberships, terms and the transition history.
+
+State changes go through ``elections.actions``; nothing else writes these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.db import models
+from django.utils import timezone
+
+
+class Agent(models.Model):
+    id = models.CharField(primary_key=True, max_length=100)
+    hostname = models.CharField(max_length=255, blank=True)
+    version = models.CharField(max_length=50, blank=True)
+    labels = models.JSONField(default=dict, blank=True)
+    connected = models.BooleanField(default=False)
+    connected_at = models.DateTimeField(null=True, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    #: Highest seq stored with no gap below it: what the dashboard acks.
+    last_seq = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class AgentToken(models.Model):
+    """A bearer token for one agent id, stored as a SHA-256 digest (shown once at issue)."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="tokens")
+    digest = models.CharField(max_length=64, unique=True)
+    created = models.DateTimeField(default=timezone.now)
+    revoked = models.DateTimeField(null=True, blank=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+
+
+class Election(models.Model):
+    class Status(models.TextChoices):
+        LED = "led"
+        LEADERLESS = "leaderless"
+        SPLIT_BRAIN = "split-brain"
+
+    name = models.CharField(max_length=200, unique=True)
+    backend = models.CharField(max_length=20, blank=True)
+    labels = models.JSONField(default=dict, blank=True)
+    ttl = models.FloatField(default=10.0)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.LEADERLESS)
+    leader = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="leading"
+    )
+    #: Fencing token of the current (or last) term: only ever grows.
+    token = models.BigIntegerField(null=True, blank=True)
+    leader_since = models.DateTimeField(null=True, blank=True)
+    leaderless_since = models.DateTimeField(null=True, blank=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def dom_id(self) -> str:
+        return f"election-{self.pk}"
+
+    def leader_unverified(self) -> bool:
+        """A leader is recorded but its agent is not connected: leadership cannot be confirmed."""
+        return self.leader_id is not None and not (self.leader and self.leader.connected)
+
+
+class Membership(models.Model):
+    class State(models.TextChoices):
+        FOLLOWER = "follower"
+        CANDIDATE = "candidate"
+        LEADER = "leader"
+        OBSERVER = "observer"
+        NO_VOTE = "no-vote"
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="memberships")
+    election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="memberships")
+    state = models.CharField(max_length=20, choices=State.choices, default=State.FOLLOWER)
+    #: Who this agent believes leads, and with which token (from its heartbeats).
+    sees_leader = models.CharField(max_length=100, blank=True)
+    sees_token = models.BigIntegerField(null=True, blank=True)
+    lease_expires = models.DateTimeField(null=True, blank=True)
+    changed = models.DateTimeField(default=timezone.now)
+    priority = models.IntegerField(default=0)
+    no_failover = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["agent_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "election"], name="one_membership_per_agent")
+        ]
+
+    def lease_left(self, now: datetime | None = None) -> timedelta | None:
+        if self.lease_expires is None:
+            return None
+        return max(self.lease_expires - (now or timezone.now()), timedelta(0))
+
+
+class Term(models.Model):
+    class EndReason(models.TextChoices):
+        RESIGNED = "resigned"
+        FORCED = "forced"
+        EXPIRED = "expired"
+        LOST = "lost"
+        AGENT_OFFLINE = "agent-offline"
+        SUPERSEDED = "superseded"
+
+    election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="terms")
+    leader = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="terms")
+    token = models.BigIntegerField()
+    started = models.DateTimeField()
+    ended = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=20, choices=EndReason.choices, blank=True)
+
+    class Meta:
+        ordering = ["-token"]
+        constraints = [
+            models.UniqueConstraint(fields=["election", "token"], name="one_term_per_token")
+        ]
+        indexes = [models.Index(fields=["election", "-started"])]
+
+    def duration(self) -> timedelta | None:
+        return (self.ended or timezone.now()) - self.started
+
+
+class Transition(models.Model):
+    """One state change of one agent in one election: the campaign history."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="transitions")
+    election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="transitions")
+    seq = models.BigIntegerField()
+    from_state = models.CharField(max_length=20)
+    to_state = models.CharField(max_length=20)
+    token = models.BigIntegerField(null=True, blank=True)
+    leader = models.CharField(max_length=100, blank=True)
+    agent_time = models.DateTimeField()
+    received = models.DateTimeField(default=timezone.now)
+    detail = models.CharField(max_length=500, blank=True)
+    reason = models.CharField(max_length=20, blank=True)
+
+    class Meta:
+        ordering = ["-agent_time", "-id"]
+        constraints = [models.UniqueConstraint(fields=["agent", "seq"], name="transition_seq_once")]
+        indexes = [models.Index(fields=["election", "-agent_time"])]
