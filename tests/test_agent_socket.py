@@ -1,0 +1,142 @@
+"""The agent websocket against a real server, in embedded and production mode."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from agent import protocol
+from tests.live import LiveDashboard
+
+pytestmark = pytest.mark.live
+
+
+def event(seq: int, election: str, to: str = "leader", token: int = 1, **extra: object) -> dict:
+    return {
+        "seq": seq,
+        "election": election,
+        "from": "candidate",
+        "to": to,
+        "token": token,
+        "leader": extra.pop("leader", None),
+        "at": datetime.now(UTC).isoformat(),
+        **extra,
+    }
+
+
+async def open_agent(dashboard: LiveDashboard, agent_id: str, elections: list[str]):
+    ws = await connect(
+        dashboard.ws_agent,
+        additional_headers={"Authorization": f"Bearer {dashboard.token(agent_id)}"},
+    )
+    hello = {
+        "type": "hello",
+        "agent": agent_id,
+        "hostname": "test",
+        "version": "t",
+        "elections": [{"name": n, "backend": "raft", "ttl": 1} for n in elections],
+        "last_seq": 0,
+    }
+    await ws.send(json.dumps(hello))
+    return ws
+
+
+async def frame(ws) -> dict:
+    return json.loads(await ws.recv())
+
+
+async def test_it_refuses_a_handshake_without_a_valid_token(dashboard: LiveDashboard) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(dashboard.ws_agent, additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 403
+
+
+async def test_a_token_cannot_speak_for_another_agent(dashboard: LiveDashboard) -> None:
+    ws = await connect(
+        dashboard.ws_agent,
+        additional_headers={"Authorization": f"Bearer {dashboard.token('honest-1')}"},
+    )
+    await ws.send(json.dumps({"type": "hello", "agent": "victim-1", "elections": []}))
+    reply = await frame(ws)
+    assert reply["type"] == "error" and reply["code"] == "wrong-agent"
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.recv()
+    assert info.value.rcvd.code == protocol.CLOSE_WRONG_AGENT
+
+
+async def test_events_are_acked_and_replays_change_nothing(dashboard: LiveDashboard) -> None:
+    agent_id, election = f"a-{uuid.uuid4().hex[:8]}", f"svc/{uuid.uuid4().hex[:8]}"
+    ws = await open_agent(dashboard, agent_id, [election])
+    assert await frame(ws) == {"type": "ack", "seq": 0}
+    batch = [event(1, election, leader=agent_id), event(2, election, to="follower", token=1)]
+    batch[1]["from"] = "leader"
+    batch[1]["reason"] = "resigned"
+    await ws.send(json.dumps({"type": "events", "items": batch}))
+    assert await frame(ws) == {"type": "ack", "seq": 2}
+    await ws.send(json.dumps({"type": "events", "items": batch}))  # a replay after a reconnect
+    assert await frame(ws) == {"type": "ack", "seq": 2}
+    await ws.close()
+
+    counts = dashboard.manage(
+        "shell",
+        "-c",
+        "from elections.models import Transition, Term; "
+        f"print(Transition.objects.filter(agent_id={agent_id!r}).count(), "
+        f"list(Term.objects.filter(leader_id={agent_id!r}).values_list('token', 'end_reason')))",
+    )
+    assert counts.strip().splitlines()[-1] == "2 [(1, 'resigned')]"
+
+    # A reconnect learns the stored seq in the answer to its hello.
+    ws = await open_agent(dashboard, agent_id, [election])
+    assert await frame(ws) == {"type": "ack", "seq": 2}
+    await ws.close()
+
+
+async def test_bad_frames_get_a_named_error_and_abuse_closes(dashboard: LiveDashboard) -> None:
+    agent_id = f"a-{uuid.uuid4().hex[:8]}"
+    ws = await connect(
+        dashboard.ws_agent,
+        additional_headers={"Authorization": f"Bearer {dashboard.token(agent_id)}"},
+        max_size=None,
+    )
+    cases = [
+        ("not json", "bad-json"),
+        ("[1, 2]", "bad-frame"),
+        ('{"type": "gossip"}', "unknown-type"),
+        ('{"type": "heartbeat", "at": "2026-01-01T00:00:00Z"}', "hello-first"),
+        (json.dumps({"type": "hello", "agent": agent_id, "elections": "many"}), "invalid"),
+        ("x" * (protocol.MAX_FRAME_BYTES + 1), "too-large"),
+    ]
+    for text, code in cases:
+        await ws.send(text)
+        reply = await frame(ws)
+        assert (reply["type"], reply["code"]) == ("error", code), reply
+        assert reply["message"]
+    for _ in range(protocol.MAX_ERRORS - len(cases)):
+        await ws.send("{")
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await ws.recv()
+    assert info.value.rcvd.code == protocol.CLOSE_ABUSE
+
+
+async def test_events_for_an_undeclared_election_are_kept_with_an_error(
+    dashboard: LiveDashboard,
+) -> None:
+    agent_id = f"a-{uuid.uuid4().hex[:8]}"
+    ws = await open_agent(dashboard, agent_id, [])
+    await frame(ws)
+    name = f"undeclared/{uuid.uuid4().hex[:6]}"
+    await ws.send(json.dumps({"type": "events", "items": [event(1, name, leader=agent_id)]}))
+    reply = await frame(ws)
+    assert reply["type"] == "error" and reply["code"] == "unknown-election"
+    assert name in reply["message"]
+    assert await frame(ws) == {"type": "ack", "seq": 1}
+    await ws.close()
