@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,7 +37,15 @@ import aetcd
 from aetcd import exceptions as etcd_errors
 from pydantic import field_validator
 
-from agent.backends.base import Backend, BackendOptions, Lease, Lost, Misconfigured, Seat, Unavailable
+from agent.backends.base import (
+    Backend,
+    BackendOptions,
+    Lease,
+    Lost,
+    Misconfigured,
+    Seat,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +131,8 @@ class EtcdBackend(Backend):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), timeout=1.0)
 
-    @contextlib.contextmanager
-    def _translate(self, what: str) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _translate(self, what: str) -> AsyncIterator[None]:
         """Map client errors: refusals are Misconfigured, the rest Unavailable."""
         try:
             yield
@@ -132,12 +140,10 @@ class EtcdBackend(Backend):
             raise Misconfigured(f"etcd refused {what}: {exc}") from None
         except (etcd_errors.ClientError, OSError) as exc:
             if len(self._endpoints) > 1:
-                # Try the next member on the next call; close the old channel in the background.
+                # The lease and the key live in the cluster: carry on with the next member.
                 self._endpoint = (self._endpoint + 1) % len(self._endpoints)
-                client, self._client = self._client, None
-                if client is not None:
-                    asyncio.get_running_loop().create_task(client.close())
-            raise Unavailable(f"etcd {what}: {exc}") from None
+                await self._drop_client()
+            raise Unavailable(f"etcd {what}: {exc or type(exc).__name__}") from None
 
     def _seen(self, revision: int) -> None:
         start = revision + 1
@@ -146,7 +152,7 @@ class EtcdBackend(Backend):
     async def _read(self, what: str) -> tuple[Any, int]:
         """The leader key (or None) and the store revision of the read."""
         client = self._connection()
-        with self._translate(what):
+        async with self._translate(what):
             result = await client.get_range(self.key, self.key + b"\0")
         self._seen(result.header.revision)
         return (result[0] if result.count else None), result.header.revision
@@ -177,7 +183,7 @@ class EtcdBackend(Backend):
             return None
         client = self._connection()
         sent = time.monotonic()
-        with self._translate("lease grant"):
+        async with self._translate("lease grant"):
             # etcd leases are whole seconds: round up so etcd never expires before we demote.
             granted = await client.lease(max(1, math.ceil(self.ttl)))
         if granted.ttl <= 0:
@@ -185,11 +191,13 @@ class EtcdBackend(Backend):
         expires = sent + min(self.ttl, float(granted.ttl))
         tx = client.transactions
         try:
-            with self._translate("campaign"):
+            async with self._translate("campaign"):
                 won, responses = await client.transaction(
                     compare=[tx.create(self.key) == 0],
-                    success=[tx.put(self.key, self._value(granted.id), lease=granted.id),
-                             tx.get(self.key)],
+                    success=[
+                        tx.put(self.key, self._value(granted.id), lease=granted.id),
+                        tx.get(self.key),
+                    ],
                     failure=[tx.get(self.key)],
                 )
         except Unavailable:
@@ -212,7 +220,7 @@ class EtcdBackend(Backend):
             raise Lost("no etcd lease is held")
         client = self._connection()
         sent = time.monotonic()
-        with self._translate("lease keep-alive"):
+        async with self._translate("lease keep-alive"):
             reply = await client.refresh_lease(lease_id)
         if reply is None:
             raise Unavailable("etcd keep-alive stream ended without an answer")
@@ -232,7 +240,7 @@ class EtcdBackend(Backend):
         client = self._connection()
         tx = client.transactions
         try:
-            with self._translate("resign"):
+            async with self._translate("resign"):
                 await client.transaction(
                     compare=[tx.mod(self.key) == self._mod_revision],
                     success=[tx.delete(self.key)],
@@ -240,7 +248,7 @@ class EtcdBackend(Backend):
                 )
         finally:
             if lease_id is not None:
-                with self._translate("lease revoke"):
+                async with self._translate("lease revoke"):
                     await client.revoke_lease(lease_id)
 
     async def observe(self) -> Seat:
@@ -257,22 +265,24 @@ class EtcdBackend(Backend):
         """Watch the key from the revision read last; return on its next event."""
         start, self._watch_from = self._watch_from, None
         deadline = time.monotonic() + timeout
+        client = self._connection()
         try:
-            client = self._connection()
-            with self._translate("watch"):
-                event = await asyncio.wait_for(
-                    client.watch_once(self.key, timeout=timeout, start_revision=start),
-                    timeout=timeout,
-                )
-            if event is None or isinstance(event, Exception):  # the watch stream broke
-                raise Unavailable(f"etcd watch: {event}")
+            event = await asyncio.wait_for(
+                client.watch_once(self.key, timeout=timeout, start_revision=start),
+                timeout=timeout,
+            )
         except (TimeoutError, etcd_errors.WatchTimeoutError):
             return
-        except (etcd_errors.RevisionCompactedError, Misconfigured):
-            return  # history is gone: the seat may have changed, read it again
-        except Unavailable as exc:
-            # Never spin on a broken watch: wait out the rest as a plain poll.
-            log.debug("election %s: %s", self.election, exc)
+        except etcd_errors.RevisionCompactedError:
+            return  # that history is gone: the seat may have changed, read it again
+        except (etcd_errors.ClientError, OSError) as exc:
+            event = exc
+        if isinstance(event, etcd_errors.RevisionCompactedError):
+            return
+        if event is None or isinstance(event, Exception):
+            # The watch could not start or its stream broke: never spin on it, wait out the
+            # rest of the timeout as a plain poll.
+            log.debug("election %s: etcd watch failed: %s", self.election, event)
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
