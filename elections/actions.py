@@ -160,7 +160,8 @@ def _contiguous(agent: Agent) -> int:
 
 def _apply(agent: Agent, election: Election, event: protocol.Event) -> None:
     membership, _ = Membership.objects.get_or_create(agent=agent, election=election)
-    if membership.changed <= event.at:  # an older event must not undo a newer state
+    # An older event must not undo a newer state (events of one agent can arrive late).
+    if membership.changed is None or membership.changed <= event.at:
         membership.state = event.to
         membership.changed = event.at
         if event.to == "leader":
@@ -232,6 +233,7 @@ def record_heartbeat(agent_id: str, heartbeat: protocol.Heartbeat) -> None:
     now = timezone.now()
     Agent.objects.filter(id=agent_id).update(last_seen=now, connected=True)
     changed: list[int] = []
+    claims: list[int] = []
     memberships = Membership.objects.filter(
         agent_id=agent_id, election__name__in=list(heartbeat.states)
     ).select_related("election")
@@ -241,14 +243,16 @@ def record_heartbeat(agent_id: str, heartbeat: protocol.Heartbeat) -> None:
         view = (seen.state, seen.leader or "", seen.token)
         if view != (membership.state, membership.sees_leader, membership.sees_token):
             changed.append(membership.election_id)
+        elif seen.state == "leader":
+            claims.append(membership.election_id)  # a renewed lease may reveal a split brain
         membership.state, membership.sees_leader, membership.sees_token = view
         membership.lease_expires = expires
     Membership.objects.bulk_update(
         memberships, ["state", "sees_leader", "sees_token", "lease_expires"]
     )
-    if changed:
-        _refresh_status(Election.objects.filter(pk__in=changed))
-        elections_changed(changed)
+    if changed or claims:
+        flipped = _refresh_status(Election.objects.filter(pk__in=changed + claims))
+        elections_changed(changed + flipped)
 
 
 # -- periodic work ------------------------------------------------------------------------
@@ -283,13 +287,16 @@ def refresh_all_statuses() -> int:
 def _refresh_status(elections: Iterable[Election]) -> list[int]:
     """Derive each election's status from its members; return the ids whose status changed.
 
-    split-brain: more than one connected agent claims the seat; leaderless: nobody holds it.
+    split-brain: more than one connected agent reports, in its heartbeat, a leader lease that
+    has not run out yet (events alone are not enough: the old leader's "stepped down" may
+    simply arrive after the new leader's "won"); leaderless: nobody holds the seat.
     """
     changed = []
+    now = timezone.now()
     for election in elections:
         claimants = set(
             Membership.objects.filter(
-                election=election, state="leader", agent__connected=True
+                election=election, state="leader", agent__connected=True, lease_expires__gt=now
             ).values_list("agent_id", flat=True)
         )
         if len(claimants) > 1:

@@ -89,7 +89,8 @@ class Membership(models.Model):
     sees_leader = models.CharField(max_length=100, blank=True)
     sees_token = models.BigIntegerField(null=True, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True)
-    changed = models.DateTimeField(default=timezone.now)
+    #: Agent time of the last transition applied (None: none yet).
+    changed = models.DateTimeField(null=True, blank=True)
     priority = models.IntegerField(default=0)
     no_failover = models.BooleanField(default=False)
 

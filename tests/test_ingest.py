@@ -1,0 +1,154 @@
+"""Ingest: idempotent on (agent, seq), terms opened and closed, tokens only grow."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from agent import protocol
+from elections import actions
+from elections.models import Agent, Election, Membership, Term, Transition
+
+pytestmark = pytest.mark.django_db
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def hello(agent: str, *elections: str) -> protocol.Hello:
+    return protocol.Hello(
+        agent=agent,
+        elections=[protocol.ElectionInfo(name=e, backend="raft", ttl=1) for e in elections],
+    )
+
+
+def ev(
+    seq: int, to: str, token: int, *, frm: str = "candidate", at: int = 0, **kw
+) -> protocol.Event:
+    return protocol.Event.model_validate(
+        {
+            "seq": seq,
+            "election": "e/1",
+            "from": frm,
+            "to": to,
+            "token": token,
+            "at": T0 + timedelta(seconds=at),
+            **kw,
+        }
+    )
+
+
+def test_it_acks_the_highest_contiguous_seq_and_ignores_replays() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    first = actions.ingest_events("a", [ev(1, "leader", 1), ev(2, "follower", 1, frm="leader")])
+    assert (first.acked, first.stored) == (2, 2)
+    again = actions.ingest_events("a", [ev(1, "leader", 1), ev(2, "follower", 1, frm="leader")])
+    assert (again.acked, again.stored) == (2, 0)
+    assert Transition.objects.count() == 2
+    assert Term.objects.get().end_reason == "resigned"
+
+
+def test_a_gap_holds_the_ack_back_until_it_is_filled() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    assert actions.ingest_events("a", [ev(1, "candidate", 0)]).acked == 1
+    assert actions.ingest_events("a", [ev(3, "leader", 2, at=2)]).acked == 1
+    assert actions.ingest_events("a", [ev(2, "follower", 0, at=1)]).acked == 3
+
+
+def test_a_new_leader_supersedes_the_old_term() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.register_agent(hello("b", "e/1"))
+    actions.ingest_events("a", [ev(1, "leader", 5)])
+    actions.ingest_events("b", [ev(1, "leader", 6, at=3)])
+    election = Election.objects.get()
+    assert (election.leader_id, election.token, election.status) == ("b", 6, "led")
+    old, new = Term.objects.order_by("token")
+    assert (old.leader_id, old.ended, old.end_reason) == (
+        "a",
+        T0 + timedelta(seconds=3),
+        "superseded",
+    )
+    assert (new.leader_id, new.ended) == ("b", None)
+
+
+def test_a_late_event_with_an_older_token_is_history_not_news() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.register_agent(hello("b", "e/1"))
+    actions.ingest_events("b", [ev(1, "leader", 6, at=3)])
+    actions.ingest_events("a", [ev(1, "leader", 5)])  # replayed late from a's spool
+    election = Election.objects.get()
+    assert (election.leader_id, election.token) == ("b", 6)
+    old = Term.objects.get(token=5)
+    assert (old.leader_id, old.ended, old.end_reason) == (
+        "a",
+        T0 + timedelta(seconds=3),
+        "superseded",
+    )
+
+
+def test_an_offline_leader_s_term_ends_as_agent_offline() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.register_agent(hello("b", "e/1"))
+    actions.ingest_events("a", [ev(1, "leader", 1)])
+    actions.agent_disconnected("a")
+    assert Election.objects.get().status == "led"  # visibility never decides leadership
+    actions.ingest_events("b", [ev(1, "leader", 2, at=2)])
+    assert Term.objects.get(token=1).end_reason == "agent-offline"
+
+
+def test_resigning_leaves_the_election_leaderless() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.ingest_events(
+        "a", [ev(1, "leader", 1), ev(2, "follower", 1, frm="leader", at=1, reason="lost")]
+    )
+    election = Election.objects.get()
+    assert (election.status, election.leader_id) == ("leaderless", None)
+    assert election.leaderless_since == T0 + timedelta(seconds=1)
+    assert Term.objects.get().end_reason == "lost"
+
+
+def test_two_connected_claimants_are_a_split_brain() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.register_agent(hello("b", "e/1"))
+    actions.ingest_events("a", [ev(1, "leader", 1)])
+    actions.ingest_events("b", [ev(1, "leader", 2)])
+    assert Election.objects.get().status == "led"  # a's step-down may still be on its way
+
+    def claim(agent: str, token: int) -> None:
+        state = protocol.ElectionState(state="leader", leader=agent, token=token, ttl_left=5)
+        actions.record_heartbeat(agent, protocol.Heartbeat(at=T0, states={"e/1": state}))
+
+    claim("a", 1)
+    claim("b", 2)
+    assert Election.objects.get().status == "split-brain"
+
+
+def test_stale_agents_are_marked_offline() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    Agent.objects.filter(id="a").update(last_seen=T0)
+    assert actions.mark_stale_agents(15) == ["a"]
+    assert not Agent.objects.get(id="a").connected
+    assert actions.mark_stale_agents(15) == []
+
+
+def test_an_older_event_does_not_undo_a_newer_membership_state() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.ingest_events("a", [ev(2, "follower", 3, at=5)])
+    actions.ingest_events("a", [ev(1, "candidate", 2, at=1)])
+    assert Membership.objects.get().state == "follower"
+
+
+def test_it_announces_changes_only_after_commit(django_capture_on_commit_callbacks) -> None:
+    actions.register_agent(hello("a", "e/1"))
+    with django_capture_on_commit_callbacks() as callbacks:
+        actions.ingest_events("a", [ev(1, "leader", 1)])
+    assert len(callbacks) == 1
+
+
+def test_tokens_are_hashed_and_belong_to_one_agent() -> None:
+    token = actions.issue_agent_token("a")
+    assert actions.authenticate_agent(token) == "a"
+    assert actions.authenticate_agent(token + "x") is None
+    assert token not in str(list(Agent.objects.get(id="a").tokens.values()))
+    actions.revoke_agent_tokens("a")
+    assert actions.authenticate_agent(token) is None
