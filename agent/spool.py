@@ -60,9 +60,9 @@ class Spool:
         """
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM events WHERE seq <= ?", (seq,))
-            last = self.last_seq
-            if seq > last:
+            if seq <= self.last_seq:
+                self._db.execute("DELETE FROM events WHERE seq <= ?", (seq,))
+            else:
                 rows = self._db.execute("SELECT seq, body FROM events ORDER BY seq").fetchall()
                 self._db.execute("DELETE FROM events")
                 next_seq = seq
