@@ -47,7 +47,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         ("[agent\nid=1", "", "not valid TOML"),
         (
-            '[agent]\nid = "x"\nbogus = 1\n[[election]]\nname="a"\nbackend="raft"\nlisten="127.0.0.1:1"',
+            '[agent]\nid = "x"\nbogus = 1\n'
+            '[[election]]\nname="a"\nbackend="raft"\nlisten="127.0.0.1:1"',
             "agent.bogus",
             "unknown option",
         ),
