@@ -1,0 +1,435 @@
+"""Helpers for the backend conformance suite (and ``bench/failover.py``).
+
+Each backend plugs in through ``tests/backends/setup_<name>.py`` (see the contract in
+``test_conformance.py``). Configs are always built the way the agent builds them, through
+``agent.config.build_config`` from a dict shaped like the TOML, so the suite also checks that
+what a setup module returns is a valid ``[[election]]`` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from agent.backends.base import Backend
+from agent.backends.registry import BACKENDS, backend_class
+from agent.config import ElectionConfig, build_config
+from agent.runner import ElectionRunner, Transition
+from tests.helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES: list[str] = list(BACKENDS)
+
+
+def agent_python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+# -- targets: one backend, its setup module and its server ------------------------------------
+
+
+@dataclass
+class Target:
+    """One backend under test against its real server."""
+
+    name: str
+    setup: ModuleType
+    server: str | None
+
+    @property
+    def cls(self) -> type[Backend]:
+        return backend_class(self.name)
+
+    @property
+    def ttl(self) -> float:
+        return float(self.setup.TTL)
+
+    def election_name(self) -> str:
+        # Unique per test: other engineers run against the same servers at the same time.
+        return f"conf-{self.name}-{uuid.uuid4().hex[:12]}"
+
+    def election_table(self, election: str, index: int, n: int) -> dict[str, Any]:
+        """The ``[[election]]`` table agent ``index`` of ``n`` would have in its TOML."""
+        table = {"name": election, "backend": self.name, "ttl": self.ttl}
+        table.update(self.setup.options(self.server, election, index, n))
+        return table
+
+    def raw_config(
+        self, agent_id: str, election: str, index: int, n: int, **agent: Any
+    ) -> dict[str, Any]:
+        return {
+            "agent": {"id": agent_id, **agent},
+            "election": [self.election_table(election, index, n)],
+        }
+
+    def config(self, election: str, index: int, n: int) -> ElectionConfig:
+        raw = self.raw_config(agent_id(index), election, index, n)
+        return build_config(raw, Path(f"<{self.name} conformance>")).elections[0]
+
+    async def cleanup(self, election: str) -> None:
+        """Optional ``cleanup(server, election)`` hook of a setup module (buckets, tables)."""
+        hook = getattr(self.setup, "cleanup", None)
+        if hook is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(hook(self.server, election), timeout=10)
+
+
+def load_setup(name: str) -> ModuleType:
+    return importlib.import_module(f"tests.backends.setup_{name}")
+
+
+def target(name: str, server: str | None) -> Target:
+    return Target(name, load_setup(name), server)
+
+
+def agent_id(index: int) -> str:
+    return f"agent-{index}"
+
+
+# -- in-process runners -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One callback, with what the other runners claimed at that very moment."""
+
+    at: float
+    agent: str
+    kind: str  # "campaign", "won", "lost"
+    token: int | None = None
+    reason: str | None = None
+    others_leading: tuple[str, ...] = ()
+
+
+@dataclass
+class Recorder:
+    """Collects every runner's callbacks, in the order they fired."""
+
+    runners: list[ElectionRunner] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    transitions: list[tuple[float, str, Transition]] = field(default_factory=list)
+
+    def _record(self, agent: str, kind: str, **kw: Any) -> None:
+        # Runs synchronously inside the runner's transition, so the snapshot is exact.
+        others = tuple(r.agent_id for r in self.runners if r.agent_id != agent and r.is_leader())
+        self.events.append(Event(time.monotonic(), agent, kind, others_leading=others, **kw))
+
+    def callbacks(self, agent: str) -> dict[str, Callable[..., None]]:
+        def on_campaign(election: str) -> None:
+            self._record(agent, "campaign")
+
+        def on_won(election: str, token: int | None) -> None:
+            self._record(agent, "won", token=token)
+
+        def on_lost(election: str, reason: str | None) -> None:
+            self._record(agent, "lost", reason=reason)
+
+        def on_transition(transition: Transition) -> None:
+            self.transitions.append((time.monotonic(), agent, transition))
+
+        return {
+            "on_campaign": on_campaign,
+            "on_won": on_won,
+            "on_lost": on_lost,
+            "on_transition": on_transition,
+        }
+
+    def of(self, agent: str, kinds: Iterable[str] = ("campaign", "won", "lost")) -> list[Event]:
+        return [e for e in self.events if e.agent == agent and e.kind in kinds]
+
+    def wins(self) -> list[Event]:
+        return [e for e in self.events if e.kind == "won"]
+
+
+def make_runners(
+    t: Target,
+    n: int = 3,
+    *,
+    election: str | None = None,
+    recorder: Recorder | None = None,
+    hold_off: float = 1.0,
+) -> list[ElectionRunner]:
+    election = election or t.election_name()
+    runners = []
+    for i in range(n):
+        callbacks = recorder.callbacks(agent_id(i)) if recorder else {}
+        # No flap damper: churn tests make the same agents win many times on purpose.
+        runner = ElectionRunner(
+            t.config(election, i, n), agent_id(i), hold_off=hold_off, flap_limit=0, **callbacks
+        )
+        runners.append(runner)
+    if recorder is not None:
+        recorder.runners.extend(runners)
+    return runners
+
+
+async def start_all(runners: list[ElectionRunner]) -> None:
+    for runner in runners:
+        await runner.start()
+
+
+async def stop_all(runners: list[ElectionRunner], *, resign: bool = True) -> None:
+    await asyncio.gather(*(r.stop(resign=resign) for r in runners), return_exceptions=True)
+
+
+def leaders(runners: Iterable[ElectionRunner]) -> list[ElectionRunner]:
+    return [r for r in runners if r.is_leader()]
+
+
+async def wait_until(
+    check: Callable[[], Any], timeout: float, what: str, interval: float = 0.005
+) -> Any:
+    """Poll ``check`` (fast: failover times are measured with it) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:.1f}s (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def one_leader(runners: list[ElectionRunner], timeout: float) -> ElectionRunner:
+    found = await wait_until(
+        lambda: leaders(runners) if len(leaders(runners)) == 1 else None,
+        timeout,
+        "exactly one leader",
+    )
+    return found[0]
+
+
+class Sampler:
+    """Samples ``is_leader()`` of every runner every few ms in the background.
+
+    Records every moment two runners claimed leadership at once, and the sequence of
+    (leader, token) as it changed.
+    """
+
+    def __init__(self, runners: list[ElectionRunner], interval: float = 0.002) -> None:
+        self.runners = runners
+        self.interval = interval
+        self.samples = 0
+        self.overlaps: list[tuple[float, list[tuple[str, int | None]]]] = []
+        self.changes: list[tuple[str | None, int | None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            current = [(r.agent_id, r.token) for r in self.runners if r.is_leader()]
+            self.samples += 1
+            if len(current) > 1:
+                self.overlaps.append((time.monotonic(), current))
+            head = current[0] if current else (None, None)
+            if not self.changes or self.changes[-1] != head:
+                self.changes.append(head)
+            await asyncio.sleep(self.interval)
+
+    async def __aenter__(self) -> Sampler:
+        self._task = asyncio.create_task(self._run(), name="leader sampler")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+# -- agent processes --------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are valid in TOML basic strings
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def toml_dumps(raw: dict[str, Any]) -> str:
+    """Just enough TOML for an agent config: [agent] and [[election]] tables."""
+    lines = ["[agent]"]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in raw.get("agent", {}).items()]
+    for table in raw.get("election", []):
+        lines += ["", "[[election]]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
+    """GET from 127.0.0.1:port; None when the agent does not answer (not up, or dead)."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            await writer.drain()
+            data = await reader.read()
+        status = int(data.split(b" ", 2)[1])
+        return status, data.partition(b"\r\n\r\n")[2]
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class AgentProcess:
+    """One ``python -m agent run --config FILE`` process with a health endpoint."""
+
+    def __init__(self, agent: str, election: str, config: Path, health_port: int) -> None:
+        self.id = agent
+        self.election = election
+        self.config = config
+        self.health_port = health_port
+        self.log = config.with_suffix(".log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [agent_python(), "-m", "agent", "run", "--config", str(self.config)],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def leading(self) -> bool | None:
+        """The health endpoint's answer: True (200), False (503), None (no answer)."""
+        reply = await http_get(self.health_port, f"/health/leadership/{self.election}", 0.5)
+        if reply is None or reply[0] not in (200, 503):
+            return None
+        return reply[0] == 200
+
+    async def seen_leader(self) -> str | None:
+        """Who this agent believes leads the election (from ``GET /health``)."""
+        reply = await http_get(self.health_port, "/health", 0.5)
+        if reply is None or reply[0] != 200:
+            return None
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return json.loads(reply[1])["elections"][self.election]["leader"]
+        return None
+
+    def send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        return None
+
+    def tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            text = self.log.read_text(errors="replace").splitlines()[-lines:]
+            return f"--- {self.id} log ---\n" + "\n".join(text)
+        return ""
+
+
+class Cluster:
+    """``n`` agent processes taking part in one fresh election of one backend."""
+
+    def __init__(self, t: Target, workdir: Path, n: int = 3, hold_off: str = "2s") -> None:
+        self.target = t
+        self.election = t.election_name()
+        self.agents: list[AgentProcess] = []
+        workdir.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            port = free_port()
+            raw = t.raw_config(
+                agent_id(i), self.election, i, n, health=f"127.0.0.1:{port}", hold_off=hold_off
+            )
+            path = workdir / f"{self.election.replace('/', '_')}-{agent_id(i)}.toml"
+            path.write_text(toml_dumps(raw))
+            self.agents.append(AgentProcess(agent_id(i), self.election, path, port))
+
+    def start(self) -> None:
+        for agent in self.agents:
+            agent.start()
+
+    def logs(self) -> str:
+        return "\n".join(a.tail() for a in self.agents)
+
+    def live(self) -> list[AgentProcess]:
+        return [a for a in self.agents if a.alive]
+
+    async def leader(self, timeout: float) -> AgentProcess:
+        """Exactly one live agent answers 200, and every other live one knows it leads."""
+        deadline = time.monotonic() + timeout
+        answers: list[bool | None] = []
+        while time.monotonic() < deadline:
+            live = self.live()
+            answers = list(await asyncio.gather(*(a.leading() for a in live)))
+            if answers.count(True) == 1 and None not in answers:
+                leader = live[answers.index(True)]
+                seen = await asyncio.gather(*(a.seen_leader() for a in live if a is not leader))
+                # Followers must already watch the seat, or a resign would be timed from
+                # their start-up rather than from the resign.
+                if all(s == leader.id for s in seen):
+                    return leader
+            await asyncio.sleep(0.05)
+        raise AssertionError(
+            f"no single settled leader within {timeout:.0f}s (answers {answers})\n{self.logs()}"
+        )
+
+    async def failover(self, leader: AgentProcess, sig: int, timeout: float) -> tuple[float, str]:
+        """Send ``sig`` to the leader; seconds until another agent's endpoint answers 200."""
+        others = [a for a in self.agents if a is not leader and a.alive]
+        started = time.monotonic()
+        leader.send(sig)
+        while True:
+            answers = await asyncio.gather(*(a.leading() for a in others))
+            elapsed = time.monotonic() - started
+            if True in answers:
+                return elapsed, others[answers.index(True)].id
+            if elapsed > timeout:
+                raise AssertionError(
+                    f"no new leader {elapsed:.1f}s after signal {sig} to {leader.id}\n{self.logs()}"
+                )
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            if agent.alive:
+                agent.send(signal.SIGTERM)
+        for agent in self.agents:
+            if await agent.wait(self.target.ttl + 8) is None and agent.proc is not None:
+                agent.proc.kill()
+                agent.proc.wait()
+        await self.target.cleanup(self.election)

@@ -1,0 +1,335 @@
+"""One conformance suite for every election backend, each against its real server.
+
+A backend plugs in with ``tests/backends/setup_<name>.py`` exporting ``SERVER_FIXTURE`` (the
+session fixture giving its server URL, or None), ``TTL`` (short, for tests), ``options(server,
+election, index, n)`` (the ``[[election]]`` options of agent ``index`` of ``n``, unique per
+election name) and ``async cut_off(runner, server)`` (make that runner lose its backend the hard
+way). A missing setup module is a failing test, never a skip.
+
+What every backend must do (ARCHITECTURE section 6): at most one leader at any moment, fencing
+tokens that only grow, a killed leader replaced within TTL + 1 s, a resign taken over at once
+where followers are notified, a leader that demotes itself before another can win when it loses
+the backend, callbacks in order and on transitions only, and bad options refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, build_config
+from tests.backends.conformance import (
+    NAMES,
+    REPO,
+    Cluster,
+    Event,
+    Recorder,
+    Sampler,
+    Target,
+    agent_python,
+    leaders,
+    load_setup,
+    make_runners,
+    one_leader,
+    start_all,
+    stop_all,
+    toml_dumps,
+    wait_until,
+)
+
+#: Margin on top of the TTL for a killed leader to be replaced (ARCHITECTURE: "TTL plus a small
+#: margin"); a resign with change notification must be taken over in under a second.
+KILL_MARGIN = 1.0
+NOTIFIED_RESIGN = 1.0
+#: Generous bounds for agents to start and settle; they are waits, not measurements.
+START = 10.0
+
+
+@pytest.fixture(params=NAMES)
+def backend(request: pytest.FixtureRequest) -> Target:
+    name = request.param
+    module = load_setup(name)  # a missing module fails (errors) this backend's cases
+    server = request.getfixturevalue(module.SERVER_FIXTURE) if module.SERVER_FIXTURE else None
+    return Target(name, module, server)
+
+
+def resign_bound(t: Target) -> float:
+    return NOTIFIED_RESIGN if t.cls.notifies else t.ttl + KILL_MARGIN
+
+
+# -- safety -----------------------------------------------------------------------------------
+
+
+async def test_exactly_one_leader_emerges_and_followers_know_it(backend: Target) -> None:
+    runners = make_runners(backend)
+    await start_all(runners)
+    try:
+        async with Sampler(runners) as sampler:
+            leader = await one_leader(runners, backend.ttl + START)
+            # Followers learn who leads from observe(), within a retry interval.
+            await wait_until(
+                lambda: all(r.leader == leader.agent_id for r in runners),
+                backend.ttl + KILL_MARGIN,
+                "every runner names the leader",
+            )
+            assert {r.state for r in runners if r is not leader} == {"follower"}
+            assert leader.token is not None
+            assert leaders(runners) == [leader]
+        assert sampler.overlaps == [], "two leaders at once"
+    finally:
+        await stop_all(runners)
+        await backend.cleanup(runners[0].name)
+
+
+async def test_at_most_one_leader_while_leadership_churns(backend: Target) -> None:
+    recorder = Recorder()
+    runners = make_runners(backend, recorder=recorder)
+    await start_all(runners)
+    try:
+        async with Sampler(runners) as sampler:
+            await one_leader(runners, backend.ttl + START)
+            for _ in range(3):
+                leader = await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+                # Sit out longer than a failover, so that one of the others must win.
+                result = await leader.step_down(hold_off=backend.ttl + 1)
+                assert result.ok, f"step-down of {leader.agent_id}: {result.detail}"
+            await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+        assert sampler.samples > 100
+        assert sampler.overlaps == [], f"two leaders at once: {sampler.overlaps[:3]}"
+        assert all(e.others_leading == () for e in recorder.wins()), recorder.wins()
+        assert len(recorder.wins()) >= 4
+        for runner in runners:
+            check_callback_order(recorder.of(runner.agent_id), runner.agent_id)
+    finally:
+        await stop_all(runners)
+        await backend.cleanup(runners[0].name)
+
+
+async def test_fencing_tokens_strictly_increase_across_leaders(backend: Target) -> None:
+    recorder = Recorder()
+    runners = make_runners(backend, recorder=recorder)
+    await start_all(runners)
+    try:
+        async with Sampler(runners) as sampler:
+            await one_leader(runners, backend.ttl + START)
+            for _ in range(2):
+                leader = await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+                await leader.step_down(hold_off=backend.ttl + 1)
+            await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+        tokens = [e.token for e in recorder.wins()]
+        assert len(tokens) >= 3, recorder.wins()
+        assert all(isinstance(t, int) for t in tokens), tokens
+        assert all(a < b for a, b in itertools.pairwise(tokens)), (
+            f"tokens of successive leaders: {tokens}"
+        )
+        sampled = [token for agent, token in sampler.changes if agent is not None]
+        assert sampled == sorted(set(sampled)), f"tokens sampled while leading: {sampled}"
+    finally:
+        await stop_all(runners)
+        await backend.cleanup(runners[0].name)
+
+
+async def test_leader_cut_off_from_the_backend_demotes_before_another_wins(
+    backend: Target,
+) -> None:
+    recorder = Recorder()
+    runners = make_runners(backend, recorder=recorder)
+    await start_all(runners)
+    old = None
+    try:
+        async with Sampler(runners) as sampler:
+            old = await one_leader(runners, backend.ttl + START)
+            await wait_until(
+                lambda: all(r.leader == old.agent_id for r in runners),
+                backend.ttl + KILL_MARGIN,
+                "every runner names the leader",
+            )
+            cut_at = time.monotonic()
+            await backend.setup.cut_off(old, backend.server)
+            others = [r for r in runners if r is not old]
+            new = (await wait_until(lambda: leaders(others), 2 * backend.ttl + 5, "new leader"))[0]
+            await wait_until(lambda: recorder.of(old.agent_id, ["lost"]), 2, "on_lost of old")
+        for runner in runners:
+            check_callback_order(recorder.of(runner.agent_id), runner.agent_id)
+        losts = recorder.of(old.agent_id, ["lost"])
+        assert len(losts) == 1, f"{old.agent_id} lost {len(losts)} times: {losts[:4]}"
+        lost = losts[0]
+        assert lost.reason in ("lost", "expired"), f"on_lost reason {lost.reason!r}"
+        [transition] = [
+            t
+            for _, agent, t in recorder.transitions
+            if agent == old.agent_id and t.from_ == "leader"
+        ]
+        assert transition.reason in ("lost", "expired"), transition
+        won = next(e for e in recorder.wins() if e.agent == new.agent_id and e.at > cut_at)
+        assert old.agent_id not in won.others_leading, (
+            f"{old.agent_id} still claimed leadership when {new.agent_id} won"
+        )
+        assert lost.at <= won.at, (
+            f"{new.agent_id} won {lost.at - won.at:.3f}s before {old.agent_id} reported lost"
+        )
+        assert sampler.overlaps == [], f"two leaders at once: {sampler.overlaps[:3]}"
+        assert lost.at - cut_at < backend.ttl + KILL_MARGIN
+    finally:
+        await stop_all([r for r in runners if r is not old])
+        if old is not None:
+            await stop_all([old], resign=False)
+        await backend.cleanup(runners[0].name)
+
+
+# -- liveness ---------------------------------------------------------------------------------
+
+
+async def test_resign_is_taken_over_quickly(backend: Target) -> None:
+    runners = make_runners(backend)
+    await start_all(runners)
+    try:
+        leader = await one_leader(runners, backend.ttl + START)
+        await wait_until(
+            lambda: all(r.leader == leader.agent_id for r in runners),
+            backend.ttl + KILL_MARGIN,
+            "every runner names the leader",
+        )
+        others = [r for r in runners if r is not leader]
+        started = time.monotonic()
+        step_down = asyncio.create_task(leader.step_down(hold_off=backend.ttl + 1))
+        await wait_until(lambda: leaders(others), backend.ttl + 5, "a new leader")
+        elapsed = time.monotonic() - started
+        result = await step_down
+        assert result.ok, result.detail
+        assert elapsed < resign_bound(backend), (
+            f"resign taken over after {elapsed:.3f}s (notifies={backend.cls.notifies})"
+        )
+    finally:
+        await stop_all(runners)
+        await backend.cleanup(runners[0].name)
+
+
+async def test_killed_leader_process_is_replaced_within_ttl(
+    backend: Target, tmp_path: Path
+) -> None:
+    cluster = Cluster(backend, tmp_path)
+    cluster.start()
+    try:
+        leader = await cluster.leader(backend.ttl + START)
+        elapsed, new = await cluster.failover(leader, signal.SIGKILL, backend.ttl + 10)
+        assert new != leader.id
+        assert elapsed < backend.ttl + KILL_MARGIN, (
+            f"killed leader replaced after {elapsed:.2f}s, TTL {backend.ttl}s"
+        )
+    finally:
+        await cluster.close()
+
+
+async def test_sigterm_leader_process_resigns_and_is_taken_over(
+    backend: Target, tmp_path: Path
+) -> None:
+    cluster = Cluster(backend, tmp_path)
+    cluster.start()
+    try:
+        leader = await cluster.leader(backend.ttl + START)
+        elapsed, new = await cluster.failover(leader, signal.SIGTERM, backend.ttl + 10)
+        assert new != leader.id
+        assert elapsed < resign_bound(backend), (
+            f"SIGTERM'd leader taken over after {elapsed:.2f}s (notifies={backend.cls.notifies})"
+        )
+        code = await leader.wait(backend.ttl + 5)
+        assert code == 0, f"agent exited with {code}\n{leader.tail()}"
+    finally:
+        await cluster.close()
+
+
+# -- callbacks --------------------------------------------------------------------------------
+
+
+def check_callback_order(events: list[Event], agent: str) -> None:
+    """campaign? -> won -> lost, repeated; never won twice without a lost in between."""
+    leading = False
+    for i, e in enumerate(events):
+        context = f"{agent}, callback #{i} of {len(events)}: {events[max(0, i - 3) : i + 2]}"
+        if e.kind == "won":
+            assert not leading, f"on_won while already leading: {context}"
+            leading = True
+        elif e.kind == "lost":
+            assert leading, f"on_lost without on_won: {context}"
+            leading = False
+        elif e.kind == "campaign":
+            assert not leading, f"on_campaign while leading: {context}"
+
+
+async def test_callbacks_fire_in_order_and_only_on_transitions(backend: Target) -> None:
+    recorder = Recorder()
+    runners = make_runners(backend, recorder=recorder)
+    await start_all(runners)
+    try:
+        leader = await one_leader(runners, backend.ttl + START)
+        await wait_until(
+            lambda: all(r.leader == leader.agent_id for r in runners),
+            backend.ttl + KILL_MARGIN,
+            "every runner names the leader",
+        )
+        # Several renewals of a healthy leader: not one callback, anywhere.
+        quiet_from = len(recorder.events)
+        await asyncio.sleep(3.5 * leader.backend.renew_interval)
+        assert leader.is_leader()
+        assert recorder.events[quiet_from:] == [], "callbacks while nothing changed"
+        await leader.step_down(hold_off=backend.ttl + 1)
+        await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+    finally:
+        await stop_all(runners)
+        await backend.cleanup(runners[0].name)
+    assert len(recorder.wins()) >= 2
+    for runner in runners:
+        events = recorder.of(runner.agent_id)
+        check_callback_order(events, runner.agent_id)
+        # Every runner stopped: whoever won must have lost (resigned) by now.
+        assert [e.kind for e in events if e.kind != "campaign"].count("won") == len(
+            [e for e in events if e.kind == "lost"]
+        ), f"{runner.agent_id}: {events}"
+    first = recorder.of(leader.agent_id, ["won", "lost"])[:2]
+    assert [e.kind for e in first] == ["won", "lost"]
+    assert first[1].reason in ("forced", "resigned"), first[1]
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_unknown_option_fails_at_start_naming_it(backend: Target, tmp_path: Path) -> None:
+    election = backend.election_name()
+    raw = backend.raw_config("agent-0", election, 0, 1)
+    raw["election"][0]["no_such_option"] = "x"
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, tmp_path / "agent.toml")
+    assert "no_such_option" in str(info.value)
+    assert "unknown option" in str(info.value)
+    # And the agent itself refuses to start, saying so.
+    path = tmp_path / "agent.toml"
+    path.write_text(toml_dumps(raw))
+    proc = subprocess.run(
+        [agent_python(), "-m", "agent", "run", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "no_such_option" in proc.stderr and "unknown option" in proc.stderr, proc.stderr
+
+
+def test_missing_required_option_fails_at_start_naming_it(backend: Target, tmp_path: Path) -> None:
+    required = [n for n, f in backend.cls.Options.model_fields.items() if f.is_required()]
+    assert required, f"{backend.cls.__name__}.Options has no required option"
+    election = backend.election_name()
+    for name in required:
+        raw = backend.raw_config("agent-0", election, 0, 1)
+        raw["election"][0].pop(name, None)
+        with pytest.raises(ConfigError) as info:
+            build_config(raw, tmp_path / "agent.toml")
+        assert name in info.value.field, str(info.value)
+        assert "required option is missing" in str(info.value)
