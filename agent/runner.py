@@ -249,7 +249,9 @@ class ElectionRunner:
         timeout = self.backend.retry_interval
         if not waiting:
             lease = await self._call(self.backend.campaign(), self.config.ttl)
-            if isinstance(lease, Lease):
+            # A lease already inside the safety margin proves nothing: announcing it would
+            # fire won and lost back to back (a Raft leader that lost quorum did so ~100x).
+            if isinstance(lease, Lease) and lease.expires - SAFETY_MARGIN > time.monotonic():
                 await self._won(lease)
                 return
         seat = await self._call(self.backend.observe(), self.config.ttl)
