@@ -139,7 +139,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = DATA_DIR / "static"
+# Only for collectstatic (production images); whitenoise serves from the finders otherwise.
+STATIC_ROOT = Path(env("STATIC_ROOT")) if env("STATIC_ROOT") else None
 WHITENOISE_USE_FINDERS = True  # serve straight from the source dirs: no collectstatic needed
 
 SESSION_COOKIE_HTTPONLY = True

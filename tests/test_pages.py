@@ -1,0 +1,104 @@
+"""Pages and the JSON API, through Django's test client."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from django.test import Client
+
+from agent import protocol
+from elections import actions
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fleet() -> None:
+    for agent in ("a", "b"):
+        actions.register_agent(
+            protocol.Hello(
+                agent=agent,
+                elections=[
+                    protocol.ElectionInfo(
+                        name="billing/cluster", backend="etcd", ttl=5, labels={"cluster": "eu-1"}
+                    ),
+                    protocol.ElectionInfo(name="search/shard-1", backend="raft", ttl=1),
+                ],
+            )
+        )
+    event = protocol.Event.model_validate(
+        {
+            "seq": 1,
+            "election": "billing/cluster",
+            "from": "candidate",
+            "to": "leader",
+            "token": 42,
+            "leader": "a",
+            "at": datetime(2026, 11, 1, tzinfo=UTC),
+        }
+    )
+    actions.ingest_events("a", [event])
+
+
+@pytest.fixture
+def sre(django_user_model) -> Client:
+    client = Client()
+    client.force_login(django_user_model.objects.create_user("sre", password="x" * 12))
+    return client
+
+
+def test_pages_and_api_need_a_login(client: Client, fleet: None) -> None:
+    assert client.get("/").status_code == 302
+    assert client.get("/elections/billing/cluster/").status_code == 302
+    response = client.get("/api/v1/elections")
+    assert response.status_code == 401
+    assert response.json() == {"error": "authentication required"}
+
+
+def test_api_lists_elections_in_the_documented_shape(sre: Client, fleet: None) -> None:
+    data = sre.get("/api/v1/elections").json()
+    [billing, search] = data["elections"]
+    assert {k: billing[k] for k in ("name", "backend", "status", "leader", "token")} == {
+        "name": "billing/cluster",
+        "backend": "etcd",
+        "status": "led",
+        "leader": "a",
+        "token": 42,
+    }
+    assert billing["since"] == "2026-11-01T00:00:00+00:00"
+    assert [(m["agent"], m["state"]) for m in billing["members"]] == [
+        ("a", "leader"),
+        ("b", "follower"),
+    ]
+    assert (search["status"], search["leader"], search["token"]) == ("leaderless", None, None)
+
+
+def test_api_election_names_may_contain_slashes(sre: Client, fleet: None) -> None:
+    assert sre.get("/api/v1/elections/billing/cluster").json()["leader"] == "a"
+    terms = sre.get("/api/v1/elections/billing/cluster/terms").json()["terms"]
+    assert [(t["leader"], t["token"], t["ended"]) for t in terms] == [("a", 42, None)]
+    assert sre.get("/api/v1/elections/no/such").status_code == 404
+    agents = sre.get("/api/v1/agents").json()["agents"]
+    assert [(a["id"], a["connected"]) for a in agents] == [("a", True), ("b", True)]
+
+
+def test_leader_map_and_filters(sre: Client, fleet: None) -> None:
+    page = sre.get("/").content.decode()
+    assert "billing/cluster" in page and "search/shard-1" in page
+    assert 'ws-connect="/ws/live/"' in page
+    assert "/static/vendor/htmx-ext-ws/ws.js" in page
+    only_raft = sre.get("/", {"backend": "raft"}).content.decode()
+    assert "search/shard-1" in only_raft and "billing/cluster" not in only_raft
+    assert 'ws-connect="/ws/live/?backend=raft"' in only_raft
+    by_label = sre.get("/", {"label": "cluster=eu-1"}).content.decode()
+    assert "billing/cluster" in by_label and "search/shard-1" not in by_label
+    leaderless = sre.get("/", {"status": "leaderless"}).content.decode()
+    assert "search/shard-1" in leaderless and "billing/cluster" not in leaderless
+
+
+def test_election_page_shows_terms_and_transitions(sre: Client, fleet: None) -> None:
+    page = sre.get("/elections/billing/cluster/").content.decode()
+    assert "candidate → leader" in page
+    assert ">42<" in page
+    assert sre.get("/elections/no/such/").status_code == 404
