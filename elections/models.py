@@ -57,10 +57,14 @@ class Election(models.Model):
     token = models.BigIntegerField(null=True, blank=True)
     leader_since = models.DateTimeField(null=True, blank=True)
     leaderless_since = models.DateTimeField(null=True, blank=True)
+    #: Maintenance: a paused election refuses commands; its agents keep electing normally.
+    paused = models.BooleanField(default=False)
+    paused_reason = models.CharField(max_length=500, blank=True)
     updated = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
+        permissions = [("force_stepdown", "Can force a step-down or switchover")]
 
     def __str__(self) -> str:
         return self.name
@@ -152,3 +156,89 @@ class Transition(models.Model):
         ordering = ["-agent_time", "-id"]
         constraints = [models.UniqueConstraint(fields=["agent", "seq"], name="transition_seq_once")]
         indexes = [models.Index(fields=["election", "-agent_time"])]
+
+
+class Command(models.Model):
+    """A step-down or switchover, from request to the agent's confirmed result."""
+
+    class Kind(models.TextChoices):
+        STEP_DOWN = "step-down"
+        SWITCHOVER = "switchover"
+
+    class Status(models.TextChoices):
+        SCHEDULED = "scheduled"
+        PENDING = "pending"
+        SENT = "sent"
+        DONE = "done"
+        FAILED = "failed"
+        EXPIRED = "expired"
+        CANCELLED = "cancelled"
+
+    FINAL = ("done", "failed", "expired", "cancelled")
+
+    election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="commands")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    #: The leader the command was sent to.
+    target = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="commands"
+    )
+    successor = models.CharField(max_length=100, blank=True)
+    requested_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.CharField(max_length=500)
+    forced = models.BooleanField(default=False)
+    drill = models.BooleanField(default=False)
+    hold_off = models.FloatField(default=5.0)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    created = models.DateTimeField(default=timezone.now)
+    scheduled_for = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    old_token = models.BigIntegerField(null=True, blank=True)
+    new_token = models.BigIntegerField(null=True, blank=True)
+    new_leader = models.CharField(max_length=100, blank=True)
+    #: Drill: seconds between the old leader leaving and the new one taking the seat.
+    leaderless_gap = models.FloatField(null=True, blank=True)
+    result = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["status", "scheduled_for"])]
+
+    @property
+    def final(self) -> bool:
+        return self.status in self.FINAL
+
+
+class ApiToken(models.Model):
+    """A bearer token for automation, acting as its user; stored as a SHA-256 digest."""
+
+    user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="api_tokens")
+    digest = models.CharField(max_length=64, unique=True)
+    created = models.DateTimeField(default=timezone.now)
+    revoked = models.DateTimeField(null=True, blank=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+
+
+class AuditEntry(models.Model):
+    """Append-only. Each entry carries the hash of the previous one, so tampering shows."""
+
+    class ActorType(models.TextChoices):
+        USER = "user"
+        AGENT = "agent"
+        SYSTEM = "system"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor_type = models.CharField(max_length=10, choices=ActorType.choices)
+    actor = models.CharField(max_length=150)
+    action = models.CharField(max_length=50, db_index=True)
+    #: What it acted on: usually an election name.
+    target = models.CharField(max_length=200, blank=True, db_index=True)
+    detail = models.JSONField(default=dict, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    class Meta:
+        ordering = ["id"]
