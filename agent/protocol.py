@@ -99,6 +99,10 @@ class Result(Frame):
     detail: Short = ""
     #: The fencing token the agent saw after acting (a new leader's), when it knows one.
     token: Annotated[int, Field(ge=0)] | None = None
+    #: Who holds the seat now, as the agent saw it.
+    leader: AgentId | None = None
+    #: Seconds from this agent giving up the seat to seeing the new leader (drills).
+    gap: Annotated[float, Field(ge=0)] | None = None
 
 
 class Ack(Frame):

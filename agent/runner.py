@@ -61,6 +61,9 @@ class StepDownResult:
     ok: bool
     detail: str
     token: int | None = None
+    leader: str | None = None
+    #: Seconds from giving up the seat to seeing the new leader.
+    gap: float | None = None
 
 
 @dataclass
@@ -326,7 +329,8 @@ class ElectionRunner:
     async def _confirm_successor(self, old_token: int, request: _Request) -> StepDownResult:
         """Done means another agent holds the seat with a newer fencing token."""
         wait = max(request.hold_off, 1.0) + self.config.ttl
-        deadline = time.monotonic() + wait
+        resigned = time.monotonic()
+        deadline = resigned + wait
         while time.monotonic() < deadline:
             seat = await self._call(self.backend.observe(), 2.0)
             if (
@@ -335,10 +339,12 @@ class ElectionRunner:
                 and seat.leader != self.agent_id
                 and (seat.token is None or seat.token > old_token)
             ):
+                gap = time.monotonic() - resigned
                 if request.successor and seat.leader != request.successor:
                     detail = f"{seat.leader} took over, not {request.successor}"
-                    return StepDownResult(False, detail, seat.token)
-                return StepDownResult(True, f"{seat.leader} leads now", seat.token)
+                    return StepDownResult(False, detail, seat.token, seat.leader, gap)
+                detail = f"{seat.leader} leads now"
+                return StepDownResult(True, detail, seat.token, seat.leader, gap)
             await self._wait_change(0.05)
         return StepDownResult(False, "resigned, but no new leader was seen in time")
 

@@ -128,9 +128,24 @@ class Agent:
             return protocol.Result(
                 command=command.id, ok=False, detail=f"no election {command.election!r} here"
             )
+        if not runner.is_leader():
+            if command.kind == "switchover" and command.successor != self.config.id:
+                # Not the leader, not the chosen one: stay out so the successor wins.
+                runner.hold(command.hold_off)
+                return protocol.Result(command=command.id, ok=True, detail="holding off")
+            if command.kind == "switchover":
+                return protocol.Result(command=command.id, ok=True, detail="ready to take over")
+            return protocol.Result(
+                command=command.id, ok=False, detail="this agent is not the leader"
+            )
         result = await runner.step_down(hold_off=command.hold_off, successor=command.successor)
         return protocol.Result(
-            command=command.id, ok=result.ok, detail=result.detail, token=result.token
+            command=command.id,
+            ok=result.ok,
+            detail=result.detail,
+            token=result.token,
+            leader=result.leader,
+            gap=result.gap,
         )
 
     async def start(self) -> None:
