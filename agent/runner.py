@@ -40,6 +40,8 @@ Callback = Callable[..., Awaitable[None] | None]
 SAFETY_MARGIN = 0.1
 #: A callback that takes longer than this is abandoned (goelect's per-state timeout).
 CALLBACK_TIMEOUT = 5.0
+#: How soon a leader retries after a failed renewal.
+RENEW_RETRY = 0.2
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class ElectionRunner:
         self.error: str | None = None
         self.leader_changes = 0
         self._lease: Lease | None = None
+        self._renew_failing = False
         self._hold_off_until = 0.0
         self._wins: deque[float] = deque()
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
@@ -279,7 +282,10 @@ class ElectionRunner:
         lease = self._lease
         assert lease is not None
         deadline = lease.expires - SAFETY_MARGIN
-        wake = min(time.monotonic() + self.backend.renew_interval, deadline)
+        # After a failed renewal, retry soon rather than a whole interval later: one timed-out
+        # request must not cost a healthy leader its lease.
+        interval = RENEW_RETRY if self._renew_failing else self.backend.renew_interval
+        wake = min(time.monotonic() + interval, deadline)
         request = await self._next_request(wake - time.monotonic())
         if request is not None:
             await self._handle_request(request, lease)
@@ -297,12 +303,12 @@ class ElectionRunner:
             return
         except (Unavailable, TimeoutError, OSError) as exc:
             self.error = f"renew failed: {exc or type(exc).__name__}"
+            self._renew_failing = True
             if time.monotonic() >= deadline:
                 await self._demote("expired", self.error)
-            else:
-                await self._next_request(min(0.2, max(0.0, deadline - time.monotonic())), peek=True)
             return
         self.error = None
+        self._renew_failing = False
         self._lease = new
         self.token = new.token
         self._changed.set()
