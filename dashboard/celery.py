@@ -9,7 +9,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
 app = Celery("electorate")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
-app.conf.beat_schedule = {
-    "sweep-stale-agents": {"task": "elections.tasks.sweep_stale_agents", "schedule": 5.0},
-    "refresh-statuses": {"task": "elections.tasks.refresh_statuses", "schedule": 30.0},
-}
+
+
+@app.on_after_finalize.connect
+def _schedule(sender: Celery, **kwargs: object) -> None:
+    from elections.tasks import PERIODIC
+
+    for task, seconds in PERIODIC:
+        sender.add_periodic_task(seconds, task.s(), name=task.name)

@@ -27,12 +27,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.filter = leadermap.MapFilter.from_query(
             QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
         )
+        self.can_operate = await database_sync_to_async(user.has_perm)("elections.force_stepdown")
         self.pending: set[int] = set()
         self.shown: set[int] = set()
         self.flusher: asyncio.Task[None] | None = None
         await self.accept()
         await self.channel_layer.group_add(FLEET_GROUP, self.channel_name)
-        html, self.shown = await database_sync_to_async(leadermap.render_snapshot)(self.filter)
+        html, self.shown = await database_sync_to_async(leadermap.render_snapshot)(
+            self.filter, self.can_operate
+        )
         await self.send(text_data=html)
 
     async def disconnect(self, code: int) -> None:
@@ -53,6 +56,6 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(settings.ELECTORATE_LIVE_COALESCE)
             ids, self.pending = self.pending, set()
             html, self.shown = await database_sync_to_async(leadermap.render_update)(
-                ids, self.filter, self.shown
+                ids, self.filter, self.shown, self.can_operate
             )
             await self.send(text_data=html)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlencode
 
 from django.db.models import Count, Prefetch, Q, QuerySet
@@ -11,7 +12,9 @@ from django.http import QueryDict
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from elections.models import Agent, Election, Membership
+from elections.models import Agent, Command, Election, Membership
+
+ACTIVE = ("scheduled", "pending", "sent")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,12 @@ class MapFilter:
 
 def elections(flt: MapFilter, ids: Iterable[int] | None = None) -> QuerySet[Election]:
     qs = Election.objects.select_related("leader").prefetch_related(
-        Prefetch("memberships", queryset=Membership.objects.select_related("agent"))
+        Prefetch("memberships", queryset=Membership.objects.select_related("agent")),
+        Prefetch(
+            "commands",
+            queryset=Command.objects.filter(status__in=ACTIVE),
+            to_attr="active_commands",
+        ),
     )
     if ids is not None:
         qs = qs.filter(pk__in=list(ids))
@@ -81,9 +89,23 @@ def row_context(election: Election) -> dict[str, object]:
     }
 
 
-def render_rows(items: Iterable[Election], *, oob: bool = False) -> str:
+def render_rows(items: Iterable[Election], *, oob: bool = False, can_operate: bool = False) -> str:
     return "".join(
-        render_to_string("elections/_row.html", {**row_context(e), "oob": oob}) for e in items
+        render_to_string(
+            "elections/_row.html", {**row_context(e), "oob": oob, "can_operate": can_operate}
+        )
+        for e in items
+    )
+
+
+def render_commands(ids: Iterable[int]) -> str:
+    """Fresh state of recent commands, for any open step-down dialog showing one."""
+    since = timezone.now() - timedelta(minutes=10)
+    recent = Command.objects.filter(election_id__in=list(ids), created__gte=since).select_related(
+        "election"
+    )
+    return "".join(
+        render_to_string("elections/_command.html", {"c": c, "oob": True}) for c in recent
     )
 
 
@@ -93,22 +115,26 @@ def render_summary(*, oob: bool = False) -> str:
     )
 
 
-def render_snapshot(flt: MapFilter) -> tuple[str, set[int]]:
+def render_snapshot(flt: MapFilter, can_operate: bool = False) -> tuple[str, set[int]]:
     """The whole table body and summary, as out-of-band swaps (sent on every (re)connect)."""
     items = list(elections(flt))
     body = render_to_string(
-        "elections/_rows.html", {"rows": render_rows(items), "oob": True, "empty": not items}
+        "elections/_rows.html",
+        {"rows": render_rows(items, can_operate=can_operate), "oob": True, "empty": not items},
     )
     return body + render_summary(oob=True), {e.pk for e in items}
 
 
-def render_update(ids: set[int], flt: MapFilter, shown: set[int]) -> tuple[str, set[int]]:
+def render_update(
+    ids: set[int], flt: MapFilter, shown: set[int], can_operate: bool = False
+) -> tuple[str, set[int]]:
     """Fragments for changed elections; a full snapshot when one appears that was not shown."""
     items = list(elections(flt, ids))
     matching = {e.pk for e in items}
     if matching - shown:
-        return render_snapshot(flt)
+        html, shown = render_snapshot(flt, can_operate)
+        return html + render_commands(ids), shown
     gone = (ids & shown) - matching
-    html = render_rows(items, oob=True)
+    html = render_rows(items, oob=True, can_operate=can_operate) + render_commands(ids)
     html += "".join(f'<tr id="election-{pk}" hx-swap-oob="delete"></tr>' for pk in sorted(gone))
     return html + render_summary(oob=True), shown - gone

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from django.conf import settings
 from django.db import close_old_connections
 
 log = logging.getLogger(__name__)
 _started = threading.Event()
-INTERVAL = 5.0
 
 
 def start_ticker() -> None:
@@ -24,13 +24,19 @@ def start_ticker() -> None:
 
 
 def _tick() -> None:
-    from elections.tasks import sweep
+    from elections.tasks import PERIODIC
 
-    stop = threading.Event()
-    while not stop.wait(INTERVAL):
-        try:
-            sweep()
-        except Exception:
-            log.exception("periodic sweep failed")
-        finally:
-            close_old_connections()
+    due = {task.name: 0.0 for task, _ in PERIODIC}
+    while True:
+        time.sleep(0.5)
+        now = time.monotonic()
+        for task, seconds in PERIODIC:
+            if now < due[task.name]:
+                continue
+            due[task.name] = now + seconds
+            try:
+                task()
+            except Exception:
+                log.exception("periodic task %s failed", task.name)
+            finally:
+                close_old_connections()

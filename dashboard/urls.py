@@ -2,15 +2,19 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import api, views
+from dashboard import api, api_control, control, views
 
 urlpatterns = [
     path("", views.leader_map, name="map"),
+    path("elections/<path:name>/step-down", control.stepdown, name="stepdown"),
+    path("elections/<path:name>/pause", control.pause, name="pause"),
     path("elections/<path:name>/", views.election_detail, name="election"),
+    path("commands/<int:pk>/cancel", control.cancel, name="cancel-command"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/v1/elections", api.elections, name="api-elections"),
     path("api/v1/elections/<path:name>/terms", api.terms, name="api-terms"),
+    path("api/v1/elections/<path:name>/step-down", api_control.stepdown, name="api-stepdown"),
     path("api/v1/elections/<path:name>", api.election, name="api-election"),
     path("api/v1/agents", api.agents, name="api-agents"),
     path("admin/", admin.site.urls),

@@ -6,7 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 
-from dashboard import leadermap
+from dashboard import control, leadermap
 from elections.models import Election
 
 
@@ -18,7 +18,9 @@ def leader_map(request: HttpRequest) -> HttpResponse:
         request,
         "elections/map.html",
         {
-            "rows": leadermap.render_rows(items),
+            "rows": leadermap.render_rows(
+                items, can_operate=request.user.has_perm("elections.force_stepdown")
+            ),
             "empty": not items,
             "summary": leadermap.render_summary(),
             "filter": flt,
@@ -42,6 +44,8 @@ def election_detail(request: HttpRequest, name: str) -> HttpResponse:
                 leadermap.elections(leadermap.MapFilter(), [election.pk]).get()
             ),
             "terms": election.terms.select_related("leader")[:50],
+            "commands": control.recent_commands(election),
+            "can_operate": request.user.has_perm("elections.force_stepdown"),
             "transitions": election.transitions.select_related("agent")[:100],
         },
     )

@@ -13,7 +13,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agent import protocol
-from elections import actions, tokens
+from elections import actions, commands, tokens
 from elections.broadcast import agent_group
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         elif isinstance(frame, protocol.Heartbeat):
             await database_sync_to_async(actions.record_heartbeat)(self.agent_id, frame)
         elif isinstance(frame, protocol.Result):
-            log.info("agent %s: result of command %s: %s", self.agent_id, frame.command, frame)
+            await database_sync_to_async(commands.record_result)(self.agent_id, frame)
 
     async def _hello(self, hello: protocol.Hello) -> None:
         if hello.agent != self.agent_id:

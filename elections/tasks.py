@@ -1,11 +1,12 @@
-"""Periodic work. Each task is also reachable without a broker: ``manage.py sweep``."""
+"""Periodic work. Celery beat runs it in production; the ticker thread in embedded mode; and
+``manage.py sweep`` runs it once without a broker."""
 
 from __future__ import annotations
 
 from celery import shared_task
 from django.conf import settings
 
-from elections import actions
+from elections import actions, commands
 
 
 @shared_task
@@ -18,6 +19,25 @@ def refresh_statuses() -> int:
     return actions.refresh_all_statuses()
 
 
+@shared_task
+def run_scheduled_commands() -> list[int]:
+    return commands.run_due()
+
+
+@shared_task
+def expire_commands() -> list[int]:
+    return commands.expire()
+
+
+#: Every periodic task and its period in seconds: the one schedule beat and the ticker share.
+PERIODIC = [
+    (sweep_stale_agents, 5.0),
+    (refresh_statuses, 30.0),
+    (run_scheduled_commands, 1.0),
+    (expire_commands, 2.0),
+]
+
+
 def sweep() -> dict[str, object]:
-    """Everything periodic, in order; what the ticker and the management command run."""
-    return {"stale_agents": sweep_stale_agents(), "statuses_changed": refresh_statuses()}
+    """Everything periodic, once, in order."""
+    return {task.name.rsplit(".", 1)[-1]: task() for task, _ in PERIODIC}

@@ -121,8 +121,8 @@ def create_user(dashboard: LiveDashboard, username: str, password: str) -> None:
         "shell",
         "-c",
         "from django.contrib.auth import get_user_model as g; "
-        f"u = g().objects.create_user({username!r}, password={password!r}); "
-        "u.is_superuser = True; u.is_staff = True; u.save()",
+        f"u, _ = g().objects.get_or_create(username={username!r}); "
+        f"u.set_password({password!r}); u.is_superuser = True; u.is_staff = True; u.save()",
     )
 
 

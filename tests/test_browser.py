@@ -77,6 +77,33 @@ def log_in(page: Page, dashboard: LiveDashboard) -> None:
     expect(page).to_have_url(dashboard.url + "/")
 
 
+def test_step_down_from_the_map_with_confirmation(
+    browser: Browser, embedded_dashboard: LiveDashboard, fleet: dict
+) -> None:
+    page = browser.new_page()
+    log_in(page, embedded_dashboard)
+    row = page.locator("tr", has=page.get_by_role("link", name="search/shard-1", exact=True))
+    leader_cell = row.get_by_test_id("leader")
+    expect(leader_cell).to_have_text(one_of(demo.AGENTS), timeout=15_000)
+    old_leader = leader_cell.inner_text()
+    old_token = int(row.get_by_test_id("token").inner_text())
+    page.evaluate("window.__notReloaded = true")
+
+    row.get_by_role("button", name="Step down search/shard-1").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    # No reason, no command: the browser's required field stops the submit.
+    dialog.get_by_role("button", name="Step down").click()
+    expect(dialog.get_by_label("Reason (required, goes to the audit log)")).to_be_focused()
+    dialog.get_by_label("Reason (required, goes to the audit log)").fill("rotate leadership")
+    dialog.get_by_role("button", name="Step down").click()
+    expect(dialog.get_by_test_id("command-status")).to_have_text("done", timeout=15_000)
+    others = [a for a in demo.AGENTS if a != old_leader]
+    expect(leader_cell).to_have_text(one_of(others), timeout=5_000)
+    assert int(row.get_by_test_id("token").inner_text()) > old_token
+    assert page.evaluate("window.__notReloaded") is True
+
+
 def test_a_killed_leader_is_replaced_live_on_the_map(
     browser: Browser, embedded_dashboard: LiveDashboard, fleet: dict
 ) -> None:

@@ -1,0 +1,48 @@
+"""``POST /api/v1/elections/<name>/step-down``: the command service over JSON.
+
+Body: ``{"reason": str, "successor": str?, "force": bool?, "drill": bool?, "hold_off": float?,
+"at": ISO datetime?, "wait": float?}``. Answers with the command once it is final (or
+scheduled, or when ``wait`` seconds pass): 200 done, 202 still running or scheduled, 409/412
+refused with the reason (412: no healthy candidate), 403 without the permission.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.http import require_POST
+
+from dashboard.api import api_login_required
+from dashboard.control import client_ip
+from elections import commands
+
+MAX_WAIT = 60.0
+
+
+@require_POST
+@api_login_required
+def stepdown(request: HttpRequest, name: str) -> JsonResponse:
+    try:
+        body = json.loads(request.body or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        wanted = commands.Request(
+            election=name,
+            reason=str(body.get("reason", "")),
+            successor=str(body.get("successor") or ""),
+            force=bool(body.get("force", False)),
+            drill=bool(body.get("drill", False)),
+            hold_off=float(body.get("hold_off", 5.0)),
+            at=commands.parse_when(str(body.get("at") or "")),
+        )
+        wait = min(float(body.get("wait", 30.0)), MAX_WAIT)
+    except (ValueError, TypeError) as exc:
+        return JsonResponse({"error": f"bad request: {exc}"}, status=400)
+    try:
+        command = commands.request_stepdown(request.user, wanted, ip=client_ip(request))
+    except commands.Refused as refused:
+        return JsonResponse({"error": refused.message}, status=refused.status)
+    command = commands.wait_final(command, wait)
+    status = 200 if command.final else 202
+    return JsonResponse({"command": commands.command_json(command)}, status=status)

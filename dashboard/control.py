@@ -1,0 +1,89 @@
+"""Step-down, switchover, pause and cancel from the UI: parse the form, call the command
+service, render the result. Refusals are shown in the dialog, with their reason."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from elections import commands
+from elections.models import Command, Election
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _form_context(election: Election, **extra: object) -> dict[str, object]:
+    return {
+        "e": election,
+        "candidates": commands.healthy_candidates(election),
+        "members": election.memberships.select_related("agent"),
+        **extra,
+    }
+
+
+@login_required
+def stepdown(request: HttpRequest, name: str) -> HttpResponse:
+    election = get_object_or_404(Election.objects.select_related("leader"), name=name)
+    if request.method != "POST":
+        return render(request, "elections/_stepdown_form.html", _form_context(election))
+    try:
+        at = commands.parse_when(request.POST.get("at", ""))
+    except ValueError:
+        return _refused(request, election, 400, "the scheduled time is not a date and time")
+    try:
+        command = commands.request_stepdown(
+            request.user,
+            commands.Request(
+                election=name,
+                reason=request.POST.get("reason", ""),
+                successor=request.POST.get("successor", ""),
+                force=request.POST.get("force") == "on",
+                drill=request.POST.get("drill") == "on",
+                at=at,
+            ),
+            ip=client_ip(request),
+        )
+    except commands.Refused as refused:
+        return _refused(request, election, refused.status, refused.message)
+    return render(request, "elections/_command.html", {"c": command, "fresh": True})
+
+
+def _refused(request: HttpRequest, election: Election, status: int, message: str) -> HttpResponse:
+    # htmx swaps only 2xx answers: keep the dialog open with the reason; plain forms get the code.
+    return render(
+        request,
+        "elections/_stepdown_form.html",
+        _form_context(election, error=message, values=request.POST),
+        status=200 if request.htmx else status,
+    )
+
+
+@login_required
+@require_POST
+def cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        command = commands.cancel(request.user, pk, ip=client_ip(request))
+    except commands.Refused as refused:
+        return HttpResponse(refused.message, status=refused.status)
+    return render(request, "elections/_command.html", {"c": command})
+
+
+@login_required
+@require_POST
+def pause(request: HttpRequest, name: str) -> HttpResponse:
+    paused = request.POST.get("paused") == "1"
+    try:
+        commands.set_paused(
+            request.user, name, paused, request.POST.get("reason", ""), ip=client_ip(request)
+        )
+    except commands.Refused as refused:
+        return HttpResponse(refused.message, status=refused.status)
+    return redirect("election", name=name)
+
+
+def recent_commands(election: Election) -> list[Command]:
+    return list(election.commands.select_related("requested_by", "target")[:20])

@@ -1,0 +1,378 @@
+"""The command service: step-down and switchover, from request to confirmed result.
+
+One way to do it: the UI button, the JSON API and the CLI all call ``request_stepdown``.
+A command is *done* only when the old leader confirms it no longer holds the seat and a
+newer fencing token is seen; one that gets no answer in time ends ``expired``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.utils import timezone
+
+from agent import protocol
+from elections import audit
+from elections.broadcast import agent_group, elections_changed
+from elections.models import Command, Election, Membership
+
+PERMISSION = "elections.force_stepdown"
+#: Seconds an agent has to answer, on top of the hold-off and the election's TTL.
+ANSWER_GRACE = 10.0
+
+
+class Refused(Exception):
+    """The command cannot be issued; ``status`` is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Request:
+    election: str
+    reason: str
+    successor: str = ""
+    force: bool = False
+    drill: bool = False
+    hold_off: float = 5.0
+    at: datetime | None = None  # a scheduled switchover
+
+
+def parse_when(text: str) -> datetime | None:
+    """A scheduled time from a datetime-local input (UTC) or ISO 8601 text."""
+    text = text.strip()
+    if not text:
+        return None
+    when = datetime.fromisoformat(text)
+    if timezone.is_naive(when):
+        when = timezone.make_aware(when, UTC)
+    return when
+
+
+def _actor(user: AbstractBaseUser | AnonymousUser | None) -> str:
+    return user.get_username() if user is not None and user.is_authenticated else "anonymous"
+
+
+def healthy_candidates(election: Election) -> list[Membership]:
+    """Members that could take over now: connected, campaigning or following, allowed to lead."""
+    return list(
+        election.memberships.select_related("agent")
+        .filter(agent__connected=True, state__in=("follower", "candidate"), no_failover=False)
+        .exclude(agent_id=election.leader_id)
+    )
+
+
+def request_stepdown(
+    user: AbstractBaseUser | AnonymousUser | None, request: Request, *, ip: str | None = None
+) -> Command:
+    """Check, record and (on commit) send a step-down or switchover. Raises Refused."""
+    actor = _actor(user)
+    try:
+        return _request(user, request, actor, ip)
+    except Refused as refused:
+        audit.record(
+            "user",
+            actor,
+            "step-down-refused",
+            request.election,
+            {"reason": request.reason, "why": refused.message, "successor": request.successor},
+            ip,
+        )
+        raise
+
+
+@transaction.atomic
+def _request(
+    user: AbstractBaseUser | AnonymousUser | None, request: Request, actor: str, ip: str | None
+) -> Command:
+    if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
+        raise Refused(403, "you need the force_stepdown permission (the operators group)")
+    election = (
+        Election.objects.select_for_update(of=("self",))
+        .select_related("leader")
+        .filter(name=request.election)
+    ).first()
+    if election is None:
+        raise Refused(404, f"unknown election {request.election!r}")
+    if not request.reason.strip():
+        raise Refused(400, "a reason is required")
+    if election.paused:
+        raise Refused(409, f"{election.name} is paused for maintenance: {election.paused_reason}")
+    if election.commands.filter(status__in=("pending", "sent")).exists():
+        raise Refused(409, f"a command for {election.name} is already in progress")
+    candidates = healthy_candidates(election)
+    names = {m.agent_id for m in candidates}
+    if request.successor and request.successor not in names and not request.force:
+        raise Refused(412, f"{request.successor} is not a healthy candidate in {election.name}")
+    if not candidates and not request.force:
+        raise Refused(412, f"no healthy candidate could take over {election.name}; tick force")
+    kind = Command.Kind.SWITCHOVER if request.successor else Command.Kind.STEP_DOWN
+
+    command = Command.objects.create(
+        election=election,
+        kind=kind,
+        target=election.leader,
+        successor=request.successor,
+        requested_by=user if user.pk else None,
+        reason=request.reason.strip()[:500],
+        forced=request.force,
+        drill=request.drill,
+        hold_off=request.hold_off,
+        status=Command.Status.SCHEDULED if request.at else Command.Status.PENDING,
+        scheduled_for=request.at,
+        old_token=election.token,
+    )
+    audit.record(
+        "user",
+        actor,
+        "switchover-requested" if request.successor else "step-down-requested",
+        election.name,
+        _detail(command),
+        ip,
+    )
+    if not request.at:
+        _dispatch(command, election)
+    elections_changed([election.pk])
+    return command
+
+
+def _detail(command: Command) -> dict[str, Any]:
+    return {
+        "command": command.pk,
+        "kind": command.kind,
+        "status": command.status,
+        "leader": command.target_id,
+        "successor": command.successor or None,
+        "reason": command.reason,
+        "forced": command.forced,
+        "drill": command.drill,
+        "token": command.old_token,
+        "new_token": command.new_token,
+        "new_leader": command.new_leader or None,
+        "result": command.result or None,
+        "scheduled_for": command.scheduled_for.isoformat() if command.scheduled_for else None,
+        "gap": command.leaderless_gap,
+    }
+
+
+def _dispatch(command: Command, election: Election) -> None:
+    """Send now, or fail at once when the leader cannot be reached."""
+    leader = election.leader
+    if leader is None:
+        _finish(command, Command.Status.FAILED, f"{election.name} has no leader to step down")
+        return
+    if not leader.connected:
+        _finish(command, Command.Status.FAILED, f"the leader {leader.id} is offline")
+        return
+    command.target = leader
+    command.old_token = election.token
+    command.status = Command.Status.SENT
+    command.sent_at = timezone.now()
+    command.save(update_fields=["target", "old_token", "status", "sent_at"])
+    frame = protocol.dump(
+        protocol.Command(
+            id=command.pk,
+            kind=command.kind,
+            election=election.name,
+            successor=command.successor or None,
+            hold_off=command.hold_off,
+        )
+    )
+    others = []
+    if command.kind == Command.Kind.SWITCHOVER:
+        # The other members hold off first, so that the chosen successor wins the seat.
+        others = list(
+            election.memberships.filter(agent__connected=True)
+            .exclude(agent_id=leader.id)
+            .values_list("agent_id", flat=True)
+        )
+    targets = [*others, leader.id]
+    transaction.on_commit(lambda: _send(targets, frame))
+
+
+def _send(agent_ids: list[str], frame: str) -> None:
+    layer = get_channel_layer()
+    for agent_id in agent_ids:
+        async_to_sync(layer.group_send)(
+            agent_group(agent_id), {"type": "agent.command", "frame": frame}
+        )
+
+
+def _finish(command: Command, status: str, result: str, *, by_agent: bool = False) -> None:
+    command.status = status
+    command.result = result[:500]
+    command.finished_at = timezone.now()
+    command.save()
+    audit.record(
+        "agent" if by_agent else "system",
+        command.target_id if by_agent and command.target_id else "system",
+        f"command-{status}",
+        command.election.name,
+        _detail(command),
+    )
+    elections_changed([command.election_id])
+
+
+@transaction.atomic
+def record_result(agent_id: str, result: protocol.Result) -> Command | None:
+    """The agent answered. Only the command's target can finish it."""
+    command = (
+        Command.objects.select_for_update(of=("self",))
+        .select_related("election")
+        .filter(pk=result.command, target_id=agent_id, status=Command.Status.SENT)
+        .first()
+    )
+    if command is None:
+        return None  # a member that held off, a late or a foreign answer: nothing to finish
+    command.new_token = result.token
+    command.new_leader = result.leader or ""
+    if command.drill:
+        command.leaderless_gap = result.gap
+    newer = result.token is not None and (
+        command.old_token is None or result.token > command.old_token
+    )
+    if result.ok and newer and result.leader and result.leader != agent_id:
+        _finish(command, Command.Status.DONE, result.detail, by_agent=True)
+    else:
+        detail = result.detail or "the agent reported a failure"
+        _finish(command, Command.Status.FAILED, detail, by_agent=True)
+    return command
+
+
+@transaction.atomic
+def cancel(
+    user: AbstractBaseUser | AnonymousUser | None, command_id: int, ip: str | None = None
+) -> Command:
+    if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
+        raise Refused(403, "you need the force_stepdown permission (the operators group)")
+    command = (
+        Command.objects.select_for_update(of=("self",))
+        .select_related("election")
+        .filter(pk=command_id)
+        .first()
+    )
+    if command is None:
+        raise Refused(404, f"no command {command_id}")
+    if command.status != Command.Status.SCHEDULED:
+        raise Refused(
+            409, f"command {command_id} is {command.status}; only scheduled ones can be cancelled"
+        )
+    command.status = Command.Status.CANCELLED
+    command.finished_at = timezone.now()
+    command.result = f"cancelled by {_actor(user)}"
+    command.save()
+    audit.record(
+        "user", _actor(user), "command-cancelled", command.election.name, _detail(command), ip
+    )
+    elections_changed([command.election_id])
+    return command
+
+
+@transaction.atomic
+def set_paused(
+    user: AbstractBaseUser | AnonymousUser | None,
+    name: str,
+    paused: bool,
+    reason: str = "",
+    ip: str | None = None,
+) -> Election:
+    if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
+        raise Refused(403, "you need the force_stepdown permission (the operators group)")
+    election = Election.objects.select_for_update().filter(name=name).first()
+    if election is None:
+        raise Refused(404, f"unknown election {name!r}")
+    if paused and not reason.strip():
+        raise Refused(400, "say why the election is paused")
+    election.paused = paused
+    election.paused_reason = reason.strip()[:500] if paused else ""
+    election.save(update_fields=["paused", "paused_reason", "updated"])
+    audit.record(
+        "user", _actor(user), "paused" if paused else "resumed", name, {"reason": reason}, ip
+    )
+    elections_changed([election.pk])
+    return election
+
+
+# -- periodic ---------------------------------------------------------------------------
+
+
+def run_due() -> list[int]:
+    """Dispatch scheduled commands whose time has come (checks run again at send time)."""
+    sent = []
+    due = Command.objects.filter(status=Command.Status.SCHEDULED, scheduled_for__lte=timezone.now())
+    for pk in due.values_list("pk", flat=True):
+        with transaction.atomic():
+            command = (
+                Command.objects.select_for_update(of=("self",))
+                .select_related("election__leader")
+                .filter(pk=pk, status=Command.Status.SCHEDULED)
+                .first()
+            )
+            if command is None:
+                continue  # another worker took it
+            election = command.election
+            if election.paused:
+                _finish(command, Command.Status.FAILED, "the election was paused")
+                continue
+            if not healthy_candidates(election) and not command.forced:
+                _finish(
+                    command, Command.Status.FAILED, "no healthy candidate at the scheduled time"
+                )
+                continue
+            _dispatch(command, election)
+            elections_changed([election.pk])
+            sent.append(pk)
+    return sent
+
+
+def expire() -> list[int]:
+    """Sent commands that got no answer in time end ``expired``."""
+    expired = []
+    now = timezone.now()
+    for command in Command.objects.filter(status=Command.Status.SENT).select_related("election"):
+        limit = command.hold_off + command.election.ttl + ANSWER_GRACE
+        if command.sent_at and command.sent_at + timedelta(seconds=limit) < now:
+            with transaction.atomic():
+                # Compare-and-set: only if still sent (the answer may have just arrived).
+                if Command.objects.filter(pk=command.pk, status=Command.Status.SENT).update(
+                    status=Command.Status.EXPIRED
+                ):
+                    command.refresh_from_db()
+                    _finish(command, Command.Status.EXPIRED, f"no answer within {limit:.0f}s")
+                    expired.append(command.pk)
+    return expired
+
+
+def command_json(command: Command) -> dict[str, Any]:
+    return {
+        "id": command.pk,
+        "election": command.election.name,
+        "requested_by": command.requested_by.get_username() if command.requested_by else None,
+        "created": command.created.isoformat(),
+        "sent_at": command.sent_at.isoformat() if command.sent_at else None,
+        "finished_at": command.finished_at.isoformat() if command.finished_at else None,
+        **_detail(command),
+    }
+
+
+def wait_final(command: Command, timeout: float) -> Command:
+    """Block until the command is final or ``timeout`` passes (for the API and CLI)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        command.refresh_from_db()
+        if command.final or command.status == Command.Status.SCHEDULED:
+            return command
+        if time.monotonic() >= deadline:
+            return command
+        time.sleep(0.05)

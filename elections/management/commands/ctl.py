@@ -1,0 +1,102 @@
+"""``manage.py ctl``: list elections, show history, step down, pause — like patronictl."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from elections import commands
+from elections.models import Election
+
+
+class Command(BaseCommand):
+    help = "Operate elections from the shell: list, history, step-down, switchover, pause, resume."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+        sub.add_parser("list", help="every election with its leader and status")
+        history = sub.add_parser("history", help="terms of one election")
+        history.add_argument("election")
+        for verb in ("step-down", "switchover"):
+            p = sub.add_parser(verb, help=f"{verb} the leader of an election")
+            p.add_argument("election")
+            p.add_argument("--reason", required=True)
+            p.add_argument(
+                "--user", required=True, help="the operator acting (for permissions and audit)"
+            )
+            p.add_argument("--force", action="store_true")
+            p.add_argument("--drill", action="store_true")
+            p.add_argument("--wait", type=float, default=30.0)
+            if verb == "switchover":
+                p.add_argument("--to", dest="successor", required=True)
+                p.add_argument("--at", help="ISO time to schedule it")
+        for verb in ("pause", "resume"):
+            p = sub.add_parser(verb)
+            p.add_argument("election")
+            p.add_argument("--user", required=True)
+            p.add_argument("--reason", default="")
+
+    def handle(self, *args: Any, action: str, **options: Any) -> None:
+        if action == "list":
+            self._list()
+        elif action == "history":
+            self._history(options["election"])
+        else:
+            self._operate(action, options)
+
+    def _list(self) -> None:
+        rows = [("ELECTION", "BACKEND", "STATUS", "LEADER", "TERM", "MEMBERS")]
+        for e in Election.objects.select_related("leader").prefetch_related("memberships"):
+            members = ",".join(f"{m.agent_id}:{m.state}" for m in e.memberships.all())
+            rows.append(
+                (e.name, e.backend, e.status, e.leader_id or "-", str(e.token or "-"), members)
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            self.stdout.write(
+                "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            )
+
+    def _history(self, name: str) -> None:
+        election = Election.objects.filter(name=name).first()
+        if election is None:
+            raise CommandError(f"unknown election {name!r}")
+        for t in election.terms.all()[:50]:
+            ended = t.ended.isoformat() if t.ended else "current"
+            self.stdout.write(
+                f"{t.token:>8}  {t.leader_id:<20} {t.started.isoformat()}  {ended}  {t.end_reason}"
+            )
+
+    def _operate(self, action: str, options: dict[str, Any]) -> None:
+        user = get_user_model().objects.filter(username=options["user"]).first()
+        if user is None:
+            raise CommandError(f"no user {options['user']!r}")
+        try:
+            if action in ("pause", "resume"):
+                commands.set_paused(user, options["election"], action == "pause", options["reason"])
+                self.stdout.write(f"{options['election']}: {action}d")
+                return
+            command = commands.request_stepdown(
+                user,
+                commands.Request(
+                    election=options["election"],
+                    reason=options["reason"],
+                    successor=options.get("successor") or "",
+                    force=options["force"],
+                    drill=options["drill"],
+                    at=commands.parse_when(options.get("at") or ""),
+                ),
+            )
+        except commands.Refused as refused:
+            raise CommandError(f"refused: {refused.message}") from None
+        command = commands.wait_final(command, options["wait"])
+        line = f"command {command.pk}: {command.status}"
+        if command.result:
+            line += f": {command.result}"
+        if command.leaderless_gap is not None:
+            line += f" (leaderless gap {command.leaderless_gap:.3f}s)"
+        self.stdout.write(line)
+        if command.status in ("failed", "expired"):
+            raise CommandError(line)
