@@ -11,31 +11,36 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from agent import protocol
-from elections import tokens
+from elections import audit, tokens
 from elections.broadcast import elections_changed
-from elections.models import Agent, AgentToken, Election, Membership, Term, Transition
+from elections.models import Agent, AgentToken, ApiToken, Election, Membership, Term, Transition
 
 # -- agents and tokens ------------------------------------------------------------------
 
 
-def issue_agent_token(agent_id: str) -> str:
+def issue_agent_token(agent_id: str, *, by: str = "system") -> str:
     """Create (or reuse) the agent and give it a new token; the token is returned once."""
     token = tokens.new_token("ela")
     with transaction.atomic():
         agent, _ = Agent.objects.get_or_create(id=agent_id)
-        AgentToken.objects.create(agent=agent, digest=tokens.digest(token))
+        row = AgentToken.objects.create(agent=agent, digest=tokens.digest(token))
+        audit.record("system", by, "agent-token-issued", agent_id, {"token_id": row.pk})
     return token
 
 
-def revoke_agent_tokens(agent_id: str) -> int:
-    return AgentToken.objects.filter(agent_id=agent_id, revoked__isnull=True).update(
+@transaction.atomic
+def revoke_agent_tokens(agent_id: str, *, by: str = "system") -> int:
+    count = AgentToken.objects.filter(agent_id=agent_id, revoked__isnull=True).update(
         revoked=timezone.now()
     )
+    audit.record("system", by, "agent-token-revoked", agent_id, {"count": count})
+    return count
 
 
 def authenticate_agent(token: str | None) -> str | None:
@@ -51,6 +56,37 @@ def authenticate_agent(token: str | None) -> str | None:
         return None
     AgentToken.objects.filter(id=row[0]).update(last_used=timezone.now())
     return row[1]
+
+
+def issue_api_token(user: AbstractBaseUser, *, by: str = "system") -> str:
+    """A new API token acting as ``user``; returned once, stored as a digest."""
+    token = tokens.new_token("elu")
+    with transaction.atomic():
+        row = ApiToken.objects.create(user=user, digest=tokens.digest(token))
+        audit.record("system", by, "api-token-issued", user.get_username(), {"token_id": row.pk})
+    return token
+
+
+@transaction.atomic
+def revoke_api_tokens(user: AbstractBaseUser, *, by: str = "system") -> int:
+    count = ApiToken.objects.filter(user=user, revoked__isnull=True).update(revoked=timezone.now())
+    audit.record("system", by, "api-token-revoked", user.get_username(), {"count": count})
+    return count
+
+
+def authenticate_api_token(token: str) -> AbstractBaseUser | None:
+    """The active user an unrevoked API token acts as, or None; notes when it was used."""
+    row = (
+        ApiToken.objects.filter(
+            digest=tokens.digest(token), revoked__isnull=True, user__is_active=True
+        )
+        .select_related("user")
+        .first()
+    )
+    if row is None:
+        return None
+    ApiToken.objects.filter(pk=row.pk).update(last_used=timezone.now())
+    return row.user
 
 
 # -- the agent's session ----------------------------------------------------------------
@@ -134,9 +170,10 @@ def ingest_events(agent_id: str, events: Sequence[protocol.Event]) -> IngestResu
         ]
     )
     touched: set[int] = set()
+    leader_changes: list[audit.Pending] = []
     for event in fresh:
         election = elections[event.election]
-        _apply(agent, election, event)
+        _apply(agent, election, event, leader_changes)
         touched.add(election.pk)
 
     agent.last_seq = _contiguous(agent)
@@ -144,6 +181,9 @@ def ingest_events(agent_id: str, events: Sequence[protocol.Event]) -> IngestResu
     agent.connected = True
     agent.save(update_fields=["last_seq", "last_seen", "connected"])
     _refresh_status(Election.objects.filter(pk__in=touched))
+    # The last write: the audit lock is then held only for the commit, never while this
+    # transaction waits for row locks (which could deadlock with another agent's ingest).
+    audit.record_many(leader_changes)
     elections_changed(touched)
     return IngestResult(acked=agent.last_seq, stored=len(fresh), unknown_elections=unknown)
 
@@ -158,7 +198,9 @@ def _contiguous(agent: Agent) -> int:
     return last
 
 
-def _apply(agent: Agent, election: Election, event: protocol.Event) -> None:
+def _apply(
+    agent: Agent, election: Election, event: protocol.Event, leader_changes: list[audit.Pending]
+) -> None:
     membership, _ = Membership.objects.get_or_create(agent=agent, election=election)
     # An older event must not undo a newer state (events of one agent can arrive late).
     if membership.changed is None or membership.changed <= event.at:
@@ -170,17 +212,51 @@ def _apply(agent: Agent, election: Election, event: protocol.Event) -> None:
             membership.sees_leader, membership.sees_token = "", None
         membership.save()
     if event.to == "leader" and event.token is not None:
-        open_term(election, agent, event.token, event.at)
+        open_term(election, agent, event.token, event.at, leader_changes=leader_changes)
     elif event.from_ == "leader" and event.token is not None:
         close_term(election, agent, event.token, event.at, event.reason or "resigned")
 
 
-def open_term(election: Election, agent: Agent, token: int, at: datetime) -> None:
-    """``agent`` won ``election`` with fencing ``token``. Tokens only grow (compare-and-set)."""
+def open_term(
+    election: Election,
+    agent: Agent,
+    token: int,
+    at: datetime,
+    *,
+    leader_changes: list[audit.Pending] | None = None,
+) -> None:
+    """``agent`` won ``election`` with fencing ``token``. Tokens only grow (compare-and-set).
+
+    A new term is audited as "leader-changed": at once, or appended to ``leader_changes``
+    for the caller to record as the last write of its transaction.
+    """
     won = Election.objects.filter(
         Q(token__isnull=True) | Q(token__lt=token), pk=election.pk
     ).update(token=token, leader=agent, leader_since=at, leaderless_since=None)
     if won:
+        previous = (
+            Term.objects.filter(election=election, token__lt=token)
+            .order_by("-token")
+            .values_list("leader_id", "token")
+            .first()
+        )
+        change = audit.Pending(
+            "agent",
+            agent.id,
+            "leader-changed",
+            election.name,
+            {
+                "leader": agent.id,
+                "token": token,
+                "previous_leader": previous[0] if previous else None,
+                "previous_token": previous[1] if previous else None,
+                "agent_time": at.isoformat(),
+            },
+        )
+        if leader_changes is None:
+            audit.record_many([change])
+        else:
+            leader_changes.append(change)
         for term in (
             Term.objects.filter(election=election, ended__isnull=True)
             .exclude(token=token)

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agent.protocol import AgentId
-from elections import actions
+from elections import actions, audit
 
 
 class Command(BaseCommand):
@@ -19,4 +19,4 @@ class Command(BaseCommand):
             raise CommandError(
                 f"invalid agent id {agent_id!r}: letters, digits, '.', '_' and '-' only"
             ) from None
-        self.stdout.write(actions.issue_agent_token(agent_id))
+        self.stdout.write(actions.issue_agent_token(agent_id, by=audit.cli_actor()))
