@@ -7,19 +7,61 @@ from functools import wraps
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import get_object_or_404
+from django.views.decorators.csrf import csrf_exempt
 
+from dashboard import exports
+from elections import actions, tokens
 from elections.models import Agent, Election, Membership, Term
 
 
-def api_login_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+class _CsrfCheck(CsrfViewMiddleware):
+    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
+        return reason  # the reason, not Django's HTML 403 page: the API answers in JSON
+
+
+def _csrf_failure(request: HttpRequest) -> str | None:
+    """Why a session-authenticated request fails the CSRF check, or None when it passes."""
+    check = _CsrfCheck(lambda request: HttpResponse())
+    check.process_request(request)
+    return check.process_view(request, None, (), {})  # type: ignore[return-value]
+
+
+def api_auth(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Session or ``Authorization: Bearer <API token>``; 401 JSON when neither holds.
+
+    A bearer request acts as the token's user and needs no CSRF token (a browser never adds
+    that header on its own); a session request keeps Django's CSRF check on unsafe methods.
+    A bearer header wins over a session cookie, and a bad one is refused even with a session.
+    """
+
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if not request.user.is_authenticated:
-            return JsonResponse({"error": "authentication required"}, status=401)
+        header = request.headers.get("Authorization", "")
+        if header.split(" ", 1)[0].lower() == "bearer":
+            token = tokens.bearer({"Authorization": header})
+            user = actions.authenticate_api_token(token) if token else None
+            if user is None:
+                return _unauthorized("invalid or revoked API token", 'error="invalid_token"')
+            request.user = user
+        elif not request.user.is_authenticated:
+            return _unauthorized("authentication required")
+        elif (reason := _csrf_failure(request)) is not None:
+            return JsonResponse({"error": f"CSRF check failed: {reason}"}, status=403)
         return view(request, *args, **kwargs)
 
-    return wrapper
+    return csrf_exempt(wrapper)
+
+
+#: The name the views used before bearer tokens; same decorator.
+api_login_required = api_auth
+
+
+def _unauthorized(message: str, params: str = "") -> JsonResponse:
+    response = JsonResponse({"error": message}, status=401)
+    response["WWW-Authenticate"] = f'Bearer realm="electorate"{", " + params if params else ""}'
+    return response
 
 
 def _iso(value: Any) -> str | None:
@@ -54,17 +96,17 @@ def _members_prefetch() -> Any:
     return Prefetch("memberships", queryset=Membership.objects.select_related("agent"))
 
 
-@api_login_required
+@api_auth
 def elections(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"elections": [election_json(e) for e in _elections()]})
 
 
-@api_login_required
+@api_auth
 def election(request: HttpRequest, name: str) -> JsonResponse:
     return JsonResponse(election_json(get_object_or_404(_elections(), name=name)))
 
 
-@api_login_required
+@api_auth
 def terms(request: HttpRequest, name: str) -> JsonResponse:
     e = get_object_or_404(Election, name=name)
     rows = Term.objects.filter(election=e).order_by("-token")[:500]
@@ -85,7 +127,7 @@ def terms(request: HttpRequest, name: str) -> JsonResponse:
     )
 
 
-@api_login_required
+@api_auth
 def agents(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {
@@ -101,4 +143,23 @@ def agents(request: HttpRequest) -> JsonResponse:
                 for a in Agent.objects.all()
             ]
         }
+    )
+
+
+@api_auth
+def audit(request: HttpRequest) -> JsonResponse:
+    """Newest first; ``before`` (an entry id) pages back, ``next_before`` is the next page."""
+    try:
+        flt = exports.Filter.from_query(request.GET)
+        limit = exports.parse_int(
+            request.GET.get("limit"), "limit", low=1, high=exports.API_MAX_LIMIT, default=100
+        )
+        before = exports.parse_int(
+            request.GET.get("before"), "before", low=1, high=2**63 - 1, default=None
+        )
+    except exports.BadFilter as bad:
+        return JsonResponse({"error": str(bad)}, status=400)
+    entries, next_before = exports.audit_page(flt, before, limit)
+    return JsonResponse(
+        {"entries": [exports.audit_json(e) for e in entries], "next_before": next_before}
     )

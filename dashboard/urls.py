@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import api, api_control, control, views
+from dashboard import api, api_control, auditviews, control, views
 
 urlpatterns = [
     path("", views.leader_map, name="map"),
@@ -17,5 +17,17 @@ urlpatterns = [
     path("api/v1/elections/<path:name>/step-down", api_control.stepdown, name="api-stepdown"),
     path("api/v1/elections/<path:name>", api.election, name="api-election"),
     path("api/v1/agents", api.agents, name="api-agents"),
+    path("api/v1/audit", api.audit, name="api-audit"),
+    path("audit/", auditviews.audit_log, name="audit"),
+    *(
+        path(
+            f"{kind}/export.{fmt}",
+            auditviews.export,
+            {"kind": kind, "fmt": fmt},
+            name=f"{kind}-export-{fmt}",
+        )
+        for kind in ("audit", "transitions", "terms")
+        for fmt in ("csv", "ndjson")
+    ),
     path("admin/", admin.site.urls),
 ]
