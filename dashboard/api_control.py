@@ -13,7 +13,7 @@ import json
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_POST
 
-from dashboard.api import api_login_required
+from dashboard.api import api_auth
 from dashboard.control import client_ip
 from elections import commands
 
@@ -21,7 +21,7 @@ MAX_WAIT = 60.0
 
 
 @require_POST
-@api_login_required
+@api_auth
 def stepdown(request: HttpRequest, name: str) -> JsonResponse:
     try:
         body = json.loads(request.body or b"{}")

@@ -6,8 +6,10 @@ Production mode: a fresh PostgreSQL database and the Redis channel layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -124,6 +126,28 @@ def create_user(dashboard: LiveDashboard, username: str, password: str) -> None:
         f"u, _ = g().objects.get_or_create(username={username!r}); "
         f"u.set_password({password!r}); u.is_superuser = True; u.is_staff = True; u.save()",
     )
+
+
+@contextlib.contextmanager
+def demo_fleet(dashboard: LiveDashboard, directory: Path) -> Iterator[dict[str, subprocess.Popen]]:
+    """The demo's three raft agents, as real processes, reporting to ``dashboard``."""
+    from dashboard import demo
+
+    tokens = {a: dashboard.token(a) for a in demo.AGENTS}
+    ports = [free_port() for _ in range(len(demo.AGENTS) * 4)]
+    agents = demo.write_fleet(directory, dashboard.ws_agent, tokens, ports)
+    procs = {a.id: demo.start_agent(a, directory / f"{a.id}.log") for a in agents}
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -14,8 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from dashboard import demo
-from tests.helpers import free_port
-from tests.live import LiveDashboard, create_user
+from tests.live import LiveDashboard, create_user, demo_fleet
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -43,24 +41,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def fleet(embedded_dashboard: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
-    directory = tmp_path_factory.mktemp("fleet")
-    tokens = {a: embedded_dashboard.token(a) for a in demo.AGENTS}
-    agents = demo.write_fleet(
-        directory,
-        embedded_dashboard.ws_agent,
-        tokens,
-        [free_port() for _ in range(len(demo.AGENTS) * 4)],
-    )
-    procs = {a.id: demo.start_agent(a, directory / f"{a.id}.log") for a in agents}
-    yield procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs.values():
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with demo_fleet(embedded_dashboard, tmp_path_factory.mktemp("fleet")) as procs:
+        yield procs
 
 
 def one_of(names: list[str]) -> re.Pattern[str]:
