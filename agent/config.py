@@ -11,14 +11,12 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.durations import parse_duration
+from agent.durations import Duration
 from agent.protocol import AgentId, Name
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class ConfigError(Exception):

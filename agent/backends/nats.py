@@ -42,14 +42,14 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
-from pydantic import BeforeValidator, field_validator
+from pydantic import field_validator
 
 from agent.backends.base import (
     Backend,
@@ -60,11 +60,10 @@ from agent.backends.base import (
     Seat,
     Unavailable,
 )
-from agent.durations import parse_duration
+from agent.durations import Duration
 
 log = logging.getLogger(__name__)
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 _BUCKET = re.compile(r"^[A-Za-z0-9_-]+$")
 #: NATS KV keys: subject tokens separated by dots, none empty.

@@ -63,7 +63,7 @@ from typing import Annotated, Any, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import Field, field_validator
 
 from agent.backends.base import (
     Backend,
@@ -74,11 +74,10 @@ from agent.backends.base import (
     Seat,
     Unavailable,
 )
-from agent.durations import parse_duration
+from agent.durations import Duration
 
 log = logging.getLogger(__name__)
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 T = TypeVar("T")
 
 TABLE = "electorate_fencing"

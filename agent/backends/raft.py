@@ -30,11 +30,10 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, field_validator
 
 from agent.backends.base import Backend, BackendOptions, Lease, Lost, Misconfigured, Seat
-from agent.durations import parse_duration
+from agent.durations import Duration
 
 log = logging.getLogger(__name__)
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 MAX_LINE = 4096
 
 

@@ -53,14 +53,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
 import urllib3.exceptions
 from botocore.config import Config
-from pydantic import BeforeValidator, field_validator
+from pydantic import field_validator
 
 from agent.backends.base import (
     Backend,
@@ -71,11 +71,10 @@ from agent.backends.base import (
     Seat,
     Unavailable,
 )
-from agent.durations import parse_duration
+from agent.durations import Duration
 
 log = logging.getLogger(__name__)
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 T = TypeVar("T")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
