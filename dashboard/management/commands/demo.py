@@ -68,7 +68,10 @@ class Command(BaseCommand):
         user.save()
 
         workdir = Path(settings.DATA_DIR) / "demo"
-        tokens = {agent_id: actions.issue_agent_token(agent_id) for agent_id in demo.AGENTS}
+        tokens = {}
+        for agent_id in demo.AGENTS:  # a new run replaces the last run's tokens
+            actions.revoke_agent_tokens(agent_id, by="demo")
+            tokens[agent_id] = actions.issue_agent_token(agent_id, by="demo")
         fleet = demo.write_fleet(
             workdir, f"ws://{addr}/ws/agent/", tokens, _free_ports(len(demo.AGENTS) * 4)
         )
