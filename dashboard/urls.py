@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import api, api_control, auditviews, control, views
+from dashboard import api, api_control, auditviews, control, metrics, views
 
 urlpatterns = [
     path("", views.leader_map, name="map"),
@@ -29,5 +29,6 @@ urlpatterns = [
         for kind in ("audit", "transitions", "terms")
         for fmt in ("csv", "ndjson")
     ),
+    path("metrics", metrics.metrics, name="metrics"),
     path("admin/", admin.site.urls),
 ]

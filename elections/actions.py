@@ -381,9 +381,11 @@ def _refresh_status(elections: Iterable[Election]) -> list[int]:
             status = Election.Status.LEADERLESS
         else:
             status = Election.Status.LED
-        fields = {"status": status}
         if status == Election.Status.LEADERLESS and election.leaderless_since is None:
-            fields["leaderless_since"] = timezone.now()
-        if Election.objects.filter(pk=election.pk).exclude(status=status).update(**fields):
+            # New elections start leaderless: the clock starts when we first see them.
+            Election.objects.filter(pk=election.pk, leaderless_since__isnull=True).update(
+                leaderless_since=now
+            )
+        if Election.objects.filter(pk=election.pk).exclude(status=status).update(status=status):
             changed.append(election.pk)
     return changed

@@ -102,3 +102,14 @@ def test_election_page_shows_terms_and_transitions(sre: Client, fleet: None) -> 
     assert "candidate → leader" in page
     assert ">42<" in page
     assert sre.get("/elections/no/such/").status_code == 404
+
+
+def test_metrics_describe_the_fleet(sre: Client, client: Client, fleet: None) -> None:
+    assert client.get("/metrics").status_code == 401
+    text = sre.get("/metrics").content.decode()
+    assert 'electorate_elections{backend="etcd",status="led"} 1.0' in text
+    assert 'electorate_elections{backend="raft",status="leaderless"} 1.0' in text
+    assert 'electorate_leaderless_seconds{election="search/shard-1"}' in text
+    assert 'electorate_leader_changes_total{backend="etcd"} 1.0' in text
+    assert 'electorate_agents{connected="true"} 2.0' in text
+    assert "electorate_transitions_ingested_total 1.0" in text
