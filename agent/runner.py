@@ -317,20 +317,24 @@ class ElectionRunner:
         reason = "forced" if request.forced else "resigned"
         detail = f"step-down{' to ' + request.successor if request.successor else ''}"
         self.hold(request.hold_off)
+        # Stop claiming the seat (and let on_lost run) before giving it up: once the release
+        # lands another agent may win at once, and this one must already have stood down.
+        await self._demote(reason, detail)
+        problem = ""
         try:
+            left = max(0.5, lease.expires - time.monotonic())
             transferred = await asyncio.wait_for(
-                self.backend.transfer(lease, request.successor),
-                timeout=max(0.5, self.ttl_left() or 0),
+                self.backend.transfer(lease, request.successor), timeout=left
             )
             if not transferred:
-                await asyncio.wait_for(
-                    self.backend.resign(lease), timeout=max(0.5, self.ttl_left() or 0)
-                )
-        except Exception as exc:  # the seat lapses with the lease anyway; we stop claiming it now
+                left = max(0.5, lease.expires - time.monotonic())
+                await asyncio.wait_for(self.backend.resign(lease), timeout=left)
+        except Exception as exc:  # the seat lapses with the lease anyway
             log.warning("election %s: resign failed: %s", self.name, exc)
-            detail += f" (resign failed: {exc}; the lease will lapse)"
-        await self._demote(reason, detail)
-        request.future.set_result(await self._confirm_successor(lease.token, request))
+            problem = f" (resign failed: {exc}; the seat frees when the lease lapses)"
+        result = await self._confirm_successor(lease.token, request)
+        result.detail += problem
+        request.future.set_result(result)
 
     async def _confirm_successor(self, old_token: int, request: _Request) -> StepDownResult:
         """Done means another agent holds the seat with a newer fencing token."""
