@@ -214,6 +214,28 @@ async def one_leader(runners: list[ElectionRunner], timeout: float) -> ElectionR
     return found[0]
 
 
+def describe(
+    runners: Iterable[ElectionRunner],
+) -> list[tuple[str, str, str | None, int | None, bool]]:
+    """(agent, state, leader it names, token, is_leader) of each runner, for failure messages."""
+    return [(r.agent_id, r.state, r.leader, r.token, r.is_leader()) for r in runners]
+
+
+async def settled_leader(runners: list[ElectionRunner], timeout: float) -> ElectionRunner:
+    """Exactly one runner leads and every runner names it (followers watch the seat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = leaders(runners)
+        if len(current) == 1 and all(r.leader == current[0].agent_id for r in runners):
+            return current[0]
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"no settled leader within {timeout:.1f}s: (agent, state, names, token, "
+                f"is_leader) = {describe(runners)}"
+            )
+        await asyncio.sleep(0.005)
+
+
 class Sampler:
     """Samples ``is_leader()`` of every runner every few ms in the background.
 

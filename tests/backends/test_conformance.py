@@ -33,10 +33,12 @@ from tests.backends.conformance import (
     Sampler,
     Target,
     agent_python,
+    describe,
     leaders,
     load_setup,
     make_runners,
     one_leader,
+    settled_leader,
     start_all,
     stop_all,
     toml_dumps,
@@ -71,16 +73,11 @@ async def test_exactly_one_leader_emerges_and_followers_know_it(backend: Target)
     await start_all(runners)
     try:
         async with Sampler(runners) as sampler:
-            leader = await one_leader(runners, backend.ttl + START)
+            await one_leader(runners, backend.ttl + START)
             # Followers learn who leads from observe(), within a retry interval.
-            await wait_until(
-                lambda: all(r.leader == leader.agent_id for r in runners),
-                backend.ttl + KILL_MARGIN,
-                "every runner names the leader",
-            )
-            assert {r.state for r in runners if r is not leader} == {"follower"}
+            leader = await settled_leader(runners, backend.ttl + KILL_MARGIN)
+            assert {r.state for r in runners if r is not leader} == {"follower"}, describe(runners)
             assert leader.token is not None
-            assert leaders(runners) == [leader]
         assert sampler.overlaps == [], "two leaders at once"
     finally:
         await stop_all(runners)
@@ -144,12 +141,7 @@ async def test_leader_cut_off_from_the_backend_demotes_before_another_wins(
     old = None
     try:
         async with Sampler(runners) as sampler:
-            old = await one_leader(runners, backend.ttl + START)
-            await wait_until(
-                lambda: all(r.leader == old.agent_id for r in runners),
-                backend.ttl + KILL_MARGIN,
-                "every runner names the leader",
-            )
+            old = await settled_leader(runners, backend.ttl + START)
             cut_at = time.monotonic()
             await backend.setup.cut_off(old, backend.server)
             others = [r for r in runners if r is not old]
@@ -190,12 +182,7 @@ async def test_resign_is_taken_over_quickly(backend: Target) -> None:
     runners = make_runners(backend)
     await start_all(runners)
     try:
-        leader = await one_leader(runners, backend.ttl + START)
-        await wait_until(
-            lambda: all(r.leader == leader.agent_id for r in runners),
-            backend.ttl + KILL_MARGIN,
-            "every runner names the leader",
-        )
+        leader = await settled_leader(runners, backend.ttl + START)
         others = [r for r in runners if r is not leader]
         started = time.monotonic()
         step_down = asyncio.create_task(leader.step_down(hold_off=backend.ttl + 1))
@@ -268,12 +255,7 @@ async def test_callbacks_fire_in_order_and_only_on_transitions(backend: Target) 
     runners = make_runners(backend, recorder=recorder)
     await start_all(runners)
     try:
-        leader = await one_leader(runners, backend.ttl + START)
-        await wait_until(
-            lambda: all(r.leader == leader.agent_id for r in runners),
-            backend.ttl + KILL_MARGIN,
-            "every runner names the leader",
-        )
+        leader = await settled_leader(runners, backend.ttl + START)
         # Several renewals of a healthy leader: not one callback, anywhere.
         quiet_from = len(recorder.events)
         await asyncio.sleep(3.5 * leader.backend.renew_interval)
