@@ -146,10 +146,33 @@ async def test_two_voters_and_a_no_vote_member_need_both_voters() -> None:
 async def test_a_node_votes_once_per_term() -> None:
     [node] = [r.backend.node for r in make_cluster(1)]
     node.term = 5
-    assert node._on_vote(6, "a", pre=False, transfer=False)["granted"]
-    assert not node._on_vote(6, "b", pre=False, transfer=False)["granted"]
-    assert node._on_vote(6, "a", pre=False, transfer=False)["granted"]  # a retry is no second vote
-    assert node._on_vote(7, "b", pre=False, transfer=False)["granted"]
+    assert node._on_vote(6, "a", pre=False, transfer_from=None)["granted"]
+    assert not node._on_vote(6, "b", pre=False, transfer_from=None)["granted"]
+    assert node._on_vote(6, "a", pre=False, transfer_from=None)[
+        "granted"
+    ]  # a retry, not a 2nd vote
+
+
+async def test_a_vote_backs_its_winner_for_t_even_in_a_later_term() -> None:
+    # Without this, a rival could win term 7 with our vote while term 6's winner still holds
+    # the lease our term-6 vote gave it: two leaders at once.
+    [node] = [r.backend.node for r in make_cluster(1)]
+    node.term = 5
+    assert node._on_vote(6, "a", pre=False, transfer_from=None)["granted"]
+    assert not node._on_vote(7, "b", pre=True, transfer_from=None)["granted"]
+    assert not node._on_vote(7, "b", pre=False, transfer_from=None)["granted"]
+    node.voted_at -= node.election_timeout  # T has passed
+    assert node._on_vote(7, "b", pre=False, transfer_from=None)["granted"]
+
+
+async def test_a_transfer_overrides_stickiness_only_for_the_leader_that_asked() -> None:
+    [node] = [r.backend.node for r in make_cluster(1)]
+    assert node._on_append(5, "old")["ok"]  # a healthy leader "old" in term 5
+    assert not node._on_vote(6, "x", pre=False, transfer_from=None)["granted"]
+    assert not node._on_vote(6, "x", pre=False, transfer_from="someone-else")["granted"]
+    assert node._on_vote(6, "x", pre=False, transfer_from="old")["granted"]
+    # A second transfer campaign (a retried TimeoutNow to another peer) cannot also win.
+    assert not node._on_vote(7, "y", pre=False, transfer_from="old")["granted"]
 
 
 async def test_pre_vote_does_not_disturb_a_healthy_leader() -> None:

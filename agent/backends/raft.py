@@ -171,6 +171,12 @@ class RaftNode:
         self.role = "follower"
         self.leader_id: str | None = None
         self.last_heard = -1e9  # monotonic time of the last valid leader heartbeat
+        #: When this node last granted a vote, and to whom: it grants no other vote within T,
+        #: whatever the term, so a leader's lease (ballot start + T) outlives its voters' loyalty.
+        self.voted_at = -1e9
+        self.voted_candidate: str | None = None
+        #: Peers that acked the last heartbeat round: where a handover can go.
+        self.acked: set[tuple[str, int]] = set()
         self.lease_until = 0.0
         #: Campaign only when the runner asks (it holds off after a resign).
         self.eligible = False
@@ -222,22 +228,26 @@ class RaftNode:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def step_down(self, successor: str | None) -> None:
-        """Stop leading; ask a successor (or any reachable voter) to campaign at once."""
+        """Stop leading; ask one successor to campaign at once.
+
+        Exactly one: a TimeoutNow whose answer was lost may still have been acted on, and a
+        second one to another peer could start a rival transfer campaign. If the one target
+        does not take over, the others elect a leader after their election timeout.
+        """
         if self.role != "leader":
             return
         term = self.term
         self._become_follower(term, None)
         self.eligible = False
-        targets = (
-            [a for a, ident in self.peer_ids.items() if ident == successor] if successor else []
-        )
-        if not targets:
-            targets = [a for a in self.peers if self.peer_voter[a]]
-            random.shuffle(targets)
-        for address in targets:
-            reply = await self._rpc(address, {"type": "timeout_now", "term": term, "from": self.id})
-            if reply and reply.get("ok"):
-                return
+        named = [a for a, ident in self.peer_ids.items() if ident == successor]
+        healthy = [a for a in self.peers if self.peer_voter[a] and a in self.acked]
+        if not (named or healthy):
+            return
+        target = named[0] if named else random.choice(healthy)
+        # Our vote is pledged to the successor for T: no rival can count on it meanwhile.
+        now = time.monotonic()
+        self.voted_at, self.voted_candidate = now, self.peer_ids.get(target)
+        await self._rpc(target, {"type": "timeout_now", "term": term, "from": self.id})
 
     # -- the timer loop -------------------------------------------------------------------
 
@@ -274,21 +284,21 @@ class RaftNode:
             if self.eligible and not self.no_vote:
                 await self._campaign(pre_vote=True)
 
-    async def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
-        if pre_vote and not await self._ballot(self.term + 1, pre=True, transfer=False):
+    async def _campaign(self, *, pre_vote: bool, transfer_from: str | None = None) -> None:
+        if pre_vote and not await self._ballot(self.term + 1, pre=True, transfer_from=None):
             return
         self.term += 1
-        self.voted_for = self.id
+        started = time.monotonic()
+        self.voted_for, self.voted_candidate, self.voted_at = self.id, self.id, started
         self.role = "candidate"
         self.leader_id = None
         self._notify()
         term = self.term
-        started = time.monotonic()
-        won = await self._ballot(term, pre=False, transfer=transfer)
+        won = await self._ballot(term, pre=False, transfer_from=transfer_from)
         if won and self.role == "candidate" and self.term == term:
             self.role = "leader"
             self.leader_id = self.id
-            # Voters that granted will not vote again before `started + T`.
+            # Every voter that granted refuses other candidates until at least `started + T`.
             self.lease_until = started + self.election_timeout
             self._notify()
             self._kick.set()  # start heartbeating now, not at the next timer tick
@@ -296,13 +306,13 @@ class RaftNode:
             self.role = "follower"
             self._notify()
 
-    async def _ballot(self, term: int, *, pre: bool, transfer: bool) -> bool:
+    async def _ballot(self, term: int, *, pre: bool, transfer_from: str | None) -> bool:
         message = {
             "type": "vote",
             "term": term,
             "candidate": self.id,
             "pre": pre,
-            "transfer": transfer,
+            "transfer_from": transfer_from,
         }
         replies = await asyncio.gather(*(self._rpc(a, message) for a in self.peers))
         votes = 1
@@ -324,6 +334,7 @@ class RaftNode:
         if self.role != "leader" or self.term != term:
             return
         acks = 1
+        self.acked = {a for a, r in zip(self.peers, replies, strict=True) if r and r.get("ok")}
         for reply in replies:
             if not reply:
                 continue
@@ -393,10 +404,13 @@ class RaftNode:
                 term,
                 str(request.get("candidate")),
                 bool(request.get("pre")),
-                bool(request.get("transfer")),
+                request.get("transfer_from")
+                if isinstance(request.get("transfer_from"), str)
+                else None,
             )
         if kind == "timeout_now":
-            return self._on_timeout_now(term)
+            sender = request.get("from")
+            return self._on_timeout_now(term, sender if isinstance(sender, str) else None)
         return {"error": f"unknown type {kind!r}"}
 
     def _on_append(self, term: int, leader: str) -> dict[str, Any]:
@@ -409,14 +423,24 @@ class RaftNode:
         self._kick.set()
         return {"ok": True, "voter": not self.no_vote}
 
-    def _on_vote(self, term: int, candidate: str, pre: bool, transfer: bool) -> dict[str, Any]:
+    def _on_vote(
+        self, term: int, candidate: str, pre: bool, transfer_from: str | None
+    ) -> dict[str, Any]:
         if self.no_vote:
             return {"granted": False, "voter": False}
-        heard_recently = time.monotonic() - self.last_heard < self.election_timeout
-        if self.role == "leader" and not transfer:
+        if self.role == "leader":
+            return {"granted": False}  # a leader hands over only through its own step-down
+        now = time.monotonic()
+        # Leader stickiness: a healthy leader keeps its seat. A transfer overrides it only when
+        # it was asked for by the very leader this node last heard from.
+        handed_over = transfer_from is not None and transfer_from == self.leader_id
+        if now - self.last_heard < self.election_timeout and not handed_over:
             return {"granted": False}
-        if heard_recently and not transfer:
-            return {"granted": False}  # leader stickiness: a healthy leader keeps its seat
+        # A vote granted within T (in any term) still backs that winner's lease, unless that
+        # winner is the leader now handing over.
+        backing = self.voted_candidate not in (candidate, transfer_from)
+        if now - self.voted_at < self.election_timeout and backing:
+            return {"granted": False}
         if term < self.term or (pre and term <= self.term):
             return {"granted": False}
         if pre:
@@ -424,13 +448,13 @@ class RaftNode:
         if term > self.term:
             self._become_follower(term, None)
         if self.voted_for in (None, candidate):
-            self.voted_for = candidate
+            self.voted_for, self.voted_candidate, self.voted_at = candidate, candidate, now
             self._reset_deadline()
             return {"granted": True}
         return {"granted": False}  # one vote per term
 
-    def _on_timeout_now(self, term: int) -> dict[str, Any]:
-        if term < self.term or self.no_vote or not self.eligible:
+    def _on_timeout_now(self, term: int, sender: str | None) -> dict[str, Any]:
+        if term < self.term or self.no_vote or not self.eligible or sender is None:
             return {"ok": False}
-        asyncio.get_running_loop().create_task(self._campaign(pre_vote=False, transfer=True))
+        asyncio.get_running_loop().create_task(self._campaign(pre_vote=False, transfer_from=sender))
         return {"ok": True}
