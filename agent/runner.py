@@ -367,7 +367,7 @@ class ElectionRunner:
             self.error = f"backend unavailable: {exc or type(exc).__name__}"
             return None
 
-    async def _next_request(self, timeout: float, *, peek: bool = False) -> _Request | None:
+    async def _next_request(self, timeout: float) -> _Request | None:
         """Wait up to ``timeout`` for a step-down request or stop; return the request if any."""
         if timeout > 0:
             getter = asyncio.ensure_future(self._requests.get())
@@ -378,13 +378,9 @@ class ElectionRunner:
             for task in pending:
                 task.cancel()
             if getter in done:
-                request = getter.result()
-                if peek:
-                    await self._requests.put(request)
-                    return None
-                return request
+                return getter.result()
             return None
-        if not peek and not self._requests.empty():
+        if not self._requests.empty():
             return self._requests.get_nowait()
         return None
 

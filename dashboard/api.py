@@ -11,9 +11,9 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import get_object_or_404
 from django.views.decorators.csrf import csrf_exempt
 
-from dashboard import exports
+from dashboard import exports, leadermap
 from elections import actions, tokens
-from elections.models import Agent, Election, Membership, Term
+from elections.models import Agent, Election, Term
 
 
 class _CsrfCheck(CsrfViewMiddleware):
@@ -87,13 +87,7 @@ def election_json(e: Election) -> dict[str, Any]:
 
 
 def _elections() -> Any:
-    return Election.objects.select_related("leader").prefetch_related(_members_prefetch())
-
-
-def _members_prefetch() -> Any:
-    from django.db.models import Prefetch
-
-    return Prefetch("memberships", queryset=Membership.objects.select_related("agent"))
+    return leadermap.elections(leadermap.MapFilter())
 
 
 @api_auth

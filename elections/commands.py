@@ -7,6 +7,7 @@ newer fencing token is seen; one that gets no answer in time ends ``expired``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -366,8 +367,6 @@ def command_json(command: Command) -> dict[str, Any]:
 
 def wait_final(command: Command, timeout: float) -> Command:
     """Block until the command is final or ``timeout`` passes (for the API and CLI)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         command.refresh_from_db()

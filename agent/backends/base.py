@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,16 @@ class Unavailable(BackendError):
 
 class Misconfigured(BackendError):
     """The backend refuses this configuration (e.g. a NATS bucket whose TTL disagrees)."""
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+#: A text option that, when given, must say something (keys, channels, regions).
+Text = Annotated[str, AfterValidator(_not_blank)]
 
 
 class BackendOptions(BaseModel):

@@ -44,6 +44,7 @@ from agent.backends.base import (
     Lost,
     Misconfigured,
     Seat,
+    Text,
     Unavailable,
 )
 
@@ -76,7 +77,7 @@ class EtcdOptions(BackendOptions):
     #: Client URLs of the etcd cluster members, e.g. ``["http://10.0.0.1:2379"]``.
     endpoints: list[str]
     #: The leader key; default ``/electorate/<election>``.
-    key: str | None = None
+    key: Text | None = None
 
     @field_validator("endpoints")
     @classmethod
@@ -85,13 +86,6 @@ class EtcdOptions(BackendOptions):
             raise ValueError("at least one endpoint is required")
         for endpoint in value:
             parse_endpoint(endpoint)
-        return value
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("the key cannot be empty")
         return value
 
 

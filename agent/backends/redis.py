@@ -51,6 +51,7 @@ from agent.backends.base import (
     Lost,
     Misconfigured,
     Seat,
+    Text,
     Unavailable,
 )
 
@@ -91,22 +92,15 @@ return 0
 class RedisOptions(BackendOptions):
     url: str
     #: The seat; default ``electorate:<election>``.
-    key: str | None = None
+    key: Text | None = None
     #: Where a resign is published; default ``<key>:events``.
-    channel: str | None = None
+    channel: Text | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
-        return value
-
-    @field_validator("key", "channel")
-    @classmethod
-    def _not_empty(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
         return value
 
 

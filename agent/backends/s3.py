@@ -69,6 +69,7 @@ from agent.backends.base import (
     Lost,
     Misconfigured,
     Seat,
+    Text,
     Unavailable,
 )
 from agent.durations import Duration
@@ -85,8 +86,8 @@ class S3Options(BackendOptions):
     endpoint: str | None = None
     bucket: str
     #: The seat object; default ``electorate/<election>.json``.
-    key: str | None = None
-    region: str = "us-east-1"
+    key: Text | None = None
+    region: Text = "us-east-1"
     #: A seat unchanged this long (on the reader's clock) is expired. Default: the TTL.
     leader_timeout: Duration | None = None
     #: Renew (leading) and poll (campaigning) this often. Default: leader_timeout / 4.
@@ -113,13 +114,6 @@ class S3Options(BackendOptions):
                 f"{value!r} is not a valid bucket name (3-63 lowercase letters, digits, "
                 "dots and hyphens, starting and ending with a letter or digit)"
             )
-        return value
-
-    @field_validator("key", "region")
-    @classmethod
-    def _not_empty(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("cannot be empty")
         return value
 
 
