@@ -97,12 +97,24 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL")
+#: channels-redis waits for messages in a blocking BZPOPMIN of 5 s (``brpop_timeout``).
+#: redis-py's default read timeout is also 5 s, so the two raced and about one idle websocket
+#: in twenty was dropped with 1011 ("Timeout reading from ..."). The read timeout must outlast
+#: the blocking wait; keepalives still notice a dead Redis.
+REDIS_SOCKET_TIMEOUT = 15.0
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_timeout": REDIS_SOCKET_TIMEOUT,
+                        "socket_connect_timeout": 3.0,
+                        "socket_keepalive": True,
+                    }
+                ],
                 "prefix": env("ELECTORATE_CHANNEL_PREFIX", "electorate"),
                 "capacity": 1000,
                 "expiry": 30,

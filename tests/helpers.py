@@ -6,6 +6,8 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 
 def free_port() -> int:
@@ -26,3 +28,17 @@ async def eventually(
             return value
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+
+
+def event(seq: int, election: str, to: str = "leader", token: int = 1, **extra: Any) -> dict:
+    """One ``events`` item as an agent sends it (JSON-ready)."""
+    return {
+        "seq": seq,
+        "election": election,
+        "from": extra.pop("from_", "candidate"),
+        "to": to,
+        "token": token,
+        "leader": extra.pop("leader", None),
+        "at": extra.pop("at", datetime.now(UTC)).isoformat(),
+        **extra,
+    }

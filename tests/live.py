@@ -6,20 +6,26 @@ Production mode: a fresh PostgreSQL database and the Redis channel layer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import http.cookiejar
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.helpers import free_port
 from tests.servers import PG_DSN, REDIS_URL, wait_tcp
@@ -55,9 +61,17 @@ class LiveDashboard:
     def token(self, agent_id: str) -> str:
         return self.manage("create_agent_token", agent_id).strip()
 
-    def get_json(self, path: str, session: str | None = None) -> object:
-        import json
+    def tokens(self, agent_ids: list[str]) -> dict[str, str]:
+        """Tokens for many agents in one process start (``token`` costs one each)."""
+        out = self.manage(
+            "shell",
+            "-c",
+            "import json; from elections import actions; "
+            f"print(json.dumps({{a: actions.issue_agent_token(a) for a in {agent_ids!r}}}))",
+        )
+        return json.loads(out.strip().splitlines()[-1])
 
+    def get_json(self, path: str, session: str | None = None) -> object:
         request = urllib.request.Request(self.url + path)
         if session:
             request.add_header("Cookie", f"sessionid={session}")
@@ -128,6 +142,34 @@ def create_user(dashboard: LiveDashboard, username: str, password: str) -> None:
     )
 
 
+def log_in(dashboard: LiveDashboard, username: str, password: str) -> str:
+    """Sign in through the login form as a browser would; return the session cookie."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(dashboard.url + "/login/", timeout=10).read()
+    csrf = next(c.value for c in jar if c.name == "csrftoken")
+    form = urllib.parse.urlencode(
+        {"username": username, "password": password, "csrfmiddlewaretoken": csrf}
+    ).encode()
+    request = urllib.request.Request(
+        dashboard.url + "/login/", data=form, headers={"Referer": dashboard.url + "/login/"}
+    )
+    opener.open(request, timeout=10).read()
+    session = next((c.value for c in jar if c.name == "sessionid"), None)
+    if session is None:
+        raise AssertionError(f"could not log in as {username!r}")
+    return session
+
+
+async def open_live(dashboard: LiveDashboard, session: str, query: str = "") -> ClientConnection:
+    """The browser's live websocket (``/ws/live/``), with the session cookie and an Origin."""
+    return await connect(
+        dashboard.url.replace("http://", "ws://") + "/ws/live/" + (f"?{query}" if query else ""),
+        additional_headers={"Cookie": f"sessionid={session}", "Origin": dashboard.url},
+        max_size=None,
+    )
+
+
 @contextlib.contextmanager
 def demo_fleet(dashboard: LiveDashboard, directory: Path) -> Iterator[dict[str, subprocess.Popen]]:
     """The demo's three raft agents, as real processes, reporting to ``dashboard``."""
@@ -172,3 +214,27 @@ def production_dashboard(
 @pytest.fixture(scope="session", params=["embedded", "production"])
 def dashboard(request: pytest.FixtureRequest) -> LiveDashboard:
     return request.getfixturevalue(f"{request.param}_dashboard")
+
+
+async def open_agent(
+    dashboard: LiveDashboard, agent_id: str, elections: list[str], *, token: str | None = None
+) -> ClientConnection:
+    """An agent's websocket that has sent its hello (the answer is left to read)."""
+    ws = await connect(
+        dashboard.ws_agent,
+        additional_headers={"Authorization": f"Bearer {token or dashboard.token(agent_id)}"},
+    )
+    hello = {
+        "type": "hello",
+        "agent": agent_id,
+        "hostname": "test",
+        "version": "t",
+        "elections": [{"name": n, "backend": "raft", "ttl": 1} for n in elections],
+        "last_seq": 0,
+    }
+    await ws.send(json.dumps(hello))
+    return ws
+
+
+async def frame(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))

@@ -4,50 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agent import protocol
-from tests.live import LiveDashboard
+from tests.helpers import event
+from tests.live import LiveDashboard, frame, open_agent
 
 pytestmark = pytest.mark.live
-
-
-def event(seq: int, election: str, to: str = "leader", token: int = 1, **extra: object) -> dict:
-    return {
-        "seq": seq,
-        "election": election,
-        "from": "candidate",
-        "to": to,
-        "token": token,
-        "leader": extra.pop("leader", None),
-        "at": datetime.now(UTC).isoformat(),
-        **extra,
-    }
-
-
-async def open_agent(dashboard: LiveDashboard, agent_id: str, elections: list[str]):
-    ws = await connect(
-        dashboard.ws_agent,
-        additional_headers={"Authorization": f"Bearer {dashboard.token(agent_id)}"},
-    )
-    hello = {
-        "type": "hello",
-        "agent": agent_id,
-        "hostname": "test",
-        "version": "t",
-        "elections": [{"name": n, "backend": "raft", "ttl": 1} for n in elections],
-        "last_seq": 0,
-    }
-    await ws.send(json.dumps(hello))
-    return ws
-
-
-async def frame(ws) -> dict:
-    return json.loads(await ws.recv())
 
 
 async def test_it_refuses_a_handshake_without_a_valid_token(dashboard: LiveDashboard) -> None:
