@@ -136,6 +136,8 @@ ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 ELECTORATE_AGENT_STALE_AFTER = float(env("ELECTORATE_AGENT_STALE_AFTER", "15"))
 #: Coalescing window of the live map: a burst of changes becomes one update.
 ELECTORATE_LIVE_COALESCE = float(env("ELECTORATE_LIVE_COALESCE", "0.1"))
+#: Threads (each with its own database connection) for the websockets' database work.
+ELECTORATE_DB_THREADS = int(env("ELECTORATE_DB_THREADS", "8"))
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -7,19 +7,20 @@ all call these; nothing else writes the tables.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db import transaction
 from django.utils import timezone
 
 from agent import protocol
-from elections import audit, tokens
+from elections import audit, heartbeats, statuses, tokens
 from elections.broadcast import elections_changed
-from elections.models import Agent, AgentToken, ApiToken, Election, Membership, Term, Transition
+from elections.ingest import Frame, IngestResult, ingest_frames
+from elections.models import Agent, AgentToken, ApiToken, Election, Membership
+from elections.sql import update_from_values
 
 # -- agents and tokens ------------------------------------------------------------------
 
@@ -92,243 +93,87 @@ def authenticate_api_token(token: str) -> AbstractBaseUser | None:
 # -- the agent's session ----------------------------------------------------------------
 
 
+@dataclass
+class Session:
+    """What a hello established: the seq the dashboard holds and the agent's memberships."""
+
+    last_seq: int
+    members: dict[str, heartbeats.Member]
+
+
 @transaction.atomic
-def register_agent(hello: protocol.Hello) -> int:
-    """An agent connected and said hello: record it and its elections; return its stored seq."""
+def register_agent(hello: protocol.Hello, session: str = "") -> Session:
+    """An agent connected and said hello: record it and its elections (a fixed number of
+    statements, whatever their number); return its stored seq and memberships."""
     now = timezone.now()
     agent, _ = Agent.objects.select_for_update().get_or_create(id=hello.agent)
-    agent.hostname, agent.version = hello.hostname, hello.version
+    agent.hostname, agent.version, agent.session = hello.hostname, hello.version, session
     agent.connected, agent.connected_at, agent.last_seen = True, now, now
     agent.save()
-    changed = []
-    for info in hello.elections:
-        election, _ = Election.objects.update_or_create(
-            name=info.name,
-            defaults={"backend": info.backend, "labels": info.labels, "ttl": info.ttl},
+
+    wanted = {info.name: info for info in hello.elections}
+    known = {
+        name: (pk, backend, labels, ttl)
+        for pk, name, backend, labels, ttl in Election.objects.filter(
+            name__in=list(wanted)
+        ).values_list("pk", "name", "backend", "labels", "ttl")
+    }
+    new = [n for n in sorted(wanted) if n not in known]
+    if new:
+        Election.objects.bulk_create(
+            [
+                Election(
+                    name=n, backend=wanted[n].backend, labels=wanted[n].labels, ttl=wanted[n].ttl
+                )
+                for n in new
+            ],
+            ignore_conflicts=True,
         )
-        Membership.objects.get_or_create(agent=agent, election=election)
-        changed.append(election.pk)
-    changed += _refresh_status(Election.objects.filter(memberships__agent=agent))
-    elections_changed(changed)
-    return agent.last_seq
+        known.update(
+            (name, (pk, backend, labels, ttl))
+            for pk, name, backend, labels, ttl in Election.objects.filter(name__in=new).values_list(
+                "pk", "name", "backend", "labels", "ttl"
+            )
+        )
+    stale = sorted(
+        (known[n][0], info.backend, info.labels, info.ttl)
+        for n, info in wanted.items()
+        if known[n][1:] != (info.backend, info.labels, info.ttl)
+    )
+    if stale:  # lock in id order, like ingest, before rewriting what the agent now says
+        list(statuses.locked(pk for pk, *_ in stale).values_list("pk"))
+        update_from_values(Election, ["id"], ["backend", "labels", "ttl"], stale)
+    Membership.objects.bulk_create(
+        [Membership(agent=agent, election_id=known[n][0]) for n in sorted(wanted)],
+        ignore_conflicts=True,
+    )
+    ids = set(Membership.objects.filter(agent=agent).values_list("election_id", flat=True))
+    statuses.refresh(ids)  # the agent is back: its claims count again
+    elections_changed(ids)
+    return Session(agent.last_seq, heartbeats.members_of(agent.pk))
 
 
 @transaction.atomic
-def agent_disconnected(agent_id: str) -> None:
-    Agent.objects.filter(id=agent_id).update(connected=False, last_seen=timezone.now())
-    ids = list(Election.objects.filter(memberships__agent_id=agent_id).values_list("pk", flat=True))
-    _refresh_status(Election.objects.filter(pk__in=ids))
+def agent_disconnected(agent_id: str, session: str | None = None) -> None:
+    """The agent's socket closed. With ``session``, only if that socket still speaks for it
+    (the agent may already have reconnected, maybe to another server process)."""
+    agents = Agent.objects.filter(pk=agent_id)
+    if session is not None:
+        agents = agents.filter(session=session)
+    if not agents.update(connected=False, session="", last_seen=timezone.now()):
+        return
+    ids = list(Membership.objects.filter(agent_id=agent_id).values_list("election_id", flat=True))
+    statuses.refresh(ids)
     elections_changed(ids)
 
 
-@dataclass
-class IngestResult:
-    acked: int
-    stored: int
-    unknown_elections: list[str]
-
-
-@transaction.atomic
 def ingest_events(agent_id: str, events: Sequence[protocol.Event]) -> IngestResult:
-    """Store an agent's transitions and apply them, idempotently on (agent, seq).
-
-    A replayed event is recognised by its seq and changes nothing. Returns the highest seq
-    stored with no gap below it (what the agent may drop from its spool).
-    """
-    now = timezone.now()
-    agent = Agent.objects.select_for_update().get(id=agent_id)
-    seqs = [e.seq for e in events]
-    existing = set(
-        Transition.objects.filter(agent=agent, seq__in=seqs).values_list("seq", flat=True)
-    )
-    fresh = sorted(
-        {e.seq: e for e in events if e.seq not in existing}.values(), key=lambda e: e.seq
-    )
-
-    names = {e.election for e in fresh}
-    elections = {e.name: e for e in Election.objects.filter(name__in=names)}
-    unknown = sorted(names - set(elections))
-    for name in unknown:  # never lose an event: keep it under an election we learn of now
-        elections[name] = Election.objects.create(name=name)
-
-    Transition.objects.bulk_create(
-        [
-            Transition(
-                agent=agent,
-                election=elections[e.election],
-                seq=e.seq,
-                from_state=e.from_,
-                to_state=e.to,
-                token=e.token,
-                leader=e.leader or "",
-                agent_time=e.at,
-                received=now,
-                detail=e.detail,
-                reason=e.reason or "",
-            )
-            for e in fresh
-        ]
-    )
-    touched: set[int] = set()
-    leader_changes: list[audit.Pending] = []
-    for event in fresh:
-        election = elections[event.election]
-        _apply(agent, election, event, leader_changes)
-        touched.add(election.pk)
-
-    agent.last_seq = _contiguous(agent)
-    agent.last_seen = now
-    agent.connected = True
-    agent.save(update_fields=["last_seq", "last_seen", "connected"])
-    _refresh_status(Election.objects.filter(pk__in=touched))
-    # The last write: the audit lock is then held only for the commit, never while this
-    # transaction waits for row locks (which could deadlock with another agent's ingest).
-    audit.record_many(leader_changes)
-    elections_changed(touched)
-    return IngestResult(acked=agent.last_seq, stored=len(fresh), unknown_elections=unknown)
+    """Store one agent's transitions (see ``elections.ingest``; the consumer batches frames)."""
+    [result] = ingest_frames([Frame(agent_id, events)])
+    return result
 
 
-def _contiguous(agent: Agent) -> int:
-    last = agent.last_seq
-    later = Transition.objects.filter(agent=agent, seq__gt=last).order_by("seq")
-    for seq in later.values_list("seq", flat=True).iterator():
-        if seq != last + 1:
-            break
-        last = seq
-    return last
-
-
-def _apply(
-    agent: Agent, election: Election, event: protocol.Event, leader_changes: list[audit.Pending]
-) -> None:
-    membership, _ = Membership.objects.get_or_create(agent=agent, election=election)
-    # An older event must not undo a newer state (events of one agent can arrive late).
-    if membership.changed is None or membership.changed <= event.at:
-        membership.state = event.to
-        membership.changed = event.at
-        if event.to == "leader":
-            membership.sees_leader, membership.sees_token = agent.id, event.token
-        elif membership.sees_leader == agent.id:
-            membership.sees_leader, membership.sees_token = "", None
-        membership.save()
-    if event.to == "leader" and event.token is not None:
-        open_term(election, agent, event.token, event.at, leader_changes=leader_changes)
-    elif event.from_ == "leader" and event.token is not None:
-        close_term(election, agent, event.token, event.at, event.reason or "resigned")
-
-
-def open_term(
-    election: Election,
-    agent: Agent,
-    token: int,
-    at: datetime,
-    *,
-    leader_changes: list[audit.Pending] | None = None,
-) -> None:
-    """``agent`` won ``election`` with fencing ``token``. Tokens only grow (compare-and-set).
-
-    A new term is audited as "leader-changed": at once, or appended to ``leader_changes``
-    for the caller to record as the last write of its transaction.
-    """
-    won = Election.objects.filter(
-        Q(token__isnull=True) | Q(token__lt=token), pk=election.pk
-    ).update(token=token, leader=agent, leader_since=at, leaderless_since=None)
-    if won:
-        previous = (
-            Term.objects.filter(election=election, token__lt=token)
-            .order_by("-token")
-            .values_list("leader_id", "token")
-            .first()
-        )
-        change = audit.Pending(
-            "agent",
-            agent.id,
-            "leader-changed",
-            election.name,
-            {
-                "leader": agent.id,
-                "token": token,
-                "previous_leader": previous[0] if previous else None,
-                "previous_token": previous[1] if previous else None,
-                "agent_time": at.isoformat(),
-            },
-        )
-        if leader_changes is None:
-            audit.record_many([change])
-        else:
-            leader_changes.append(change)
-        for term in (
-            Term.objects.filter(election=election, ended__isnull=True)
-            .exclude(token=token)
-            .select_related("leader")
-        ):
-            term.ended = max(at, term.started)
-            term.end_reason = "superseded" if term.leader.connected else "agent-offline"
-            term.save(update_fields=["ended", "end_reason"])
-        _create_term(election, agent, token, at, None, "")
-        return
-    # A late event (replayed from a spool after a newer term was seen): history, not news.
-    if not Term.objects.filter(election=election, token=token).exists():
-        successor = (
-            Term.objects.filter(election=election, token__gt=token).order_by("token").first()
-        )
-        _create_term(
-            election, agent, token, at, successor.started if successor else at, "superseded"
-        )
-
-
-def _create_term(
-    election: Election, agent: Agent, token: int, at: datetime, ended: datetime | None, reason: str
-) -> None:
-    try:
-        with transaction.atomic():
-            Term.objects.create(
-                election=election,
-                leader=agent,
-                token=token,
-                started=at,
-                ended=ended,
-                end_reason=reason,
-            )
-    except IntegrityError:
-        pass  # the same term reported twice (e.g. a restart of the agent): keep the first
-
-
-def close_term(election: Election, agent: Agent, token: int, at: datetime, reason: str) -> None:
-    Term.objects.filter(election=election, leader=agent, token=token, ended__isnull=True).update(
-        ended=at, end_reason=reason
-    )
-    Election.objects.filter(pk=election.pk, leader=agent, token=token).update(
-        leader=None, leaderless_since=at
-    )
-
-
-@transaction.atomic
-def record_heartbeat(agent_id: str, heartbeat: protocol.Heartbeat) -> None:
-    """Refresh liveness and each membership's view; announce only what changed."""
-    now = timezone.now()
-    Agent.objects.filter(id=agent_id).update(last_seen=now, connected=True)
-    changed: list[int] = []
-    claims: list[int] = []
-    memberships = Membership.objects.filter(
-        agent_id=agent_id, election__name__in=list(heartbeat.states)
-    ).select_related("election")
-    for membership in memberships:
-        seen = heartbeat.states[membership.election.name]
-        expires = now + timedelta(seconds=seen.ttl_left) if seen.ttl_left is not None else None
-        view = (seen.state, seen.leader or "", seen.token)
-        if view != (membership.state, membership.sees_leader, membership.sees_token):
-            changed.append(membership.election_id)
-        elif seen.state == "leader":
-            claims.append(membership.election_id)  # a renewed lease may reveal a split brain
-        membership.state, membership.sees_leader, membership.sees_token = view
-        membership.lease_expires = expires
-    Membership.objects.bulk_update(
-        memberships, ["state", "sees_leader", "sees_token", "lease_expires"]
-    )
-    if changed or claims:
-        flipped = _refresh_status(Election.objects.filter(pk__in=changed + claims))
-        elections_changed(changed + flipped)
+record_heartbeat = heartbeats.record_heartbeat
 
 
 # -- periodic work ------------------------------------------------------------------------
@@ -338,54 +183,26 @@ def record_heartbeat(agent_id: str, heartbeat: protocol.Heartbeat) -> None:
 def mark_stale_agents(stale_after: float) -> list[str]:
     """Agents silent for ``stale_after`` seconds are offline (their socket died unseen)."""
     cutoff = timezone.now() - timedelta(seconds=stale_after)
-    stale = list(
-        Agent.objects.filter(connected=True, last_seen__lt=cutoff).values_list("id", flat=True)
+    stale = sorted(
+        Agent.objects.filter(connected=True, last_seen__lt=cutoff).values_list("pk", flat=True)
     )
     if stale:
-        Agent.objects.filter(id__in=stale).update(connected=False)
-        ids = list(
-            Election.objects.filter(memberships__agent_id__in=stale)
-            .values_list("pk", flat=True)
-            .distinct()
+        Agent.objects.filter(pk__in=stale, last_seen__lt=cutoff).update(connected=False)
+        ids = set(
+            Membership.objects.filter(agent_id__in=stale).values_list("election_id", flat=True)
         )
-        _refresh_status(Election.objects.filter(pk__in=ids))
+        statuses.refresh(ids)
         elections_changed(ids)
     return stale
 
 
-@transaction.atomic
-def refresh_all_statuses() -> int:
-    changed = _refresh_status(Election.objects.all())
-    elections_changed(changed)
+def refresh_all_statuses(chunk: int = 1000) -> int:
+    """Re-derive every election's status, a chunk of rows locked at a time."""
+    changed: list[int] = []
+    ids = list(Election.objects.order_by("pk").values_list("pk", flat=True))
+    for start in range(0, len(ids), chunk):
+        with transaction.atomic():
+            flipped = statuses.refresh(ids[start : start + chunk])
+            elections_changed(flipped)
+        changed += flipped
     return len(changed)
-
-
-def _refresh_status(elections: Iterable[Election]) -> list[int]:
-    """Derive each election's status from its members; return the ids whose status changed.
-
-    split-brain: more than one connected agent reports, in its heartbeat, a leader lease that
-    has not run out yet (events alone are not enough: the old leader's "stepped down" may
-    simply arrive after the new leader's "won"); leaderless: nobody holds the seat.
-    """
-    changed = []
-    now = timezone.now()
-    for election in elections:
-        claimants = set(
-            Membership.objects.filter(
-                election=election, state="leader", agent__connected=True, lease_expires__gt=now
-            ).values_list("agent_id", flat=True)
-        )
-        if len(claimants) > 1:
-            status = Election.Status.SPLIT_BRAIN
-        elif election.leader_id is None and not claimants:
-            status = Election.Status.LEADERLESS
-        else:
-            status = Election.Status.LED
-        if status == Election.Status.LEADERLESS and election.leaderless_since is None:
-            # New elections start leaderless: the clock starts when we first see them.
-            Election.objects.filter(pk=election.pk, leaderless_since__isnull=True).update(
-                leaderless_since=now
-            )
-        if Election.objects.filter(pk=election.pk).exclude(status=status).update(status=status):
-            changed.append(election.pk)
-    return changed

@@ -1,32 +1,44 @@
 """The agent websocket (``/ws/agent/``): authenticate, validate each frame, call one action.
 
-Protocol: ARCHITECTURE §4 and ``agent.protocol``. A token belongs to one agent id; frames
-from that socket can only touch that agent's records.
+Protocol: ``agent.protocol``. A token belongs to one agent id; frames from that socket can
+only touch that agent's records. Database work runs on the shared pool (``elections.db``),
+events frames go through the process's group commit (``elections.ingest_queue``), and
+heartbeats that change nothing are only noted for the next liveness flush.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import timezone
 
 from agent import protocol
-from elections import actions, commands, tokens
+from elections import actions, commands, heartbeats, tokens
 from elections.broadcast import agent_group
+from elections.db import run_db
+from elections.ingest import Frame
+from elections.ingest_queue import IngestFailed, ingest_queue
+from elections.liveness import liveness
 
 log = logging.getLogger(__name__)
+
+#: Close code asking the agent to come back later (its unacked events stay in its spool).
+CLOSE_TRY_AGAIN = 1013
 
 
 class AgentConsumer(AsyncWebsocketConsumer):
     agent_id: str | None = None
+    session = ""
     greeted = False
     errors = 0
 
     async def connect(self) -> None:
+        self.members: dict[str, heartbeats.Member] = {}
         token = tokens.bearer(self.scope.get("headers", []))
-        self.agent_id = await database_sync_to_async(actions.authenticate_agent)(token)
+        self.agent_id = await run_db(actions.authenticate_agent, token)
         if self.agent_id is None:
             await self.close(code=4401)  # before accept: the handshake is refused (HTTP 403)
             return
@@ -34,8 +46,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         if self.agent_id and self.greeted:
+            liveness().forget(self.agent_id, [m.id for m in self.members.values()])
             await self.channel_layer.group_discard(agent_group(self.agent_id), self.channel_name)
-            await database_sync_to_async(actions.agent_disconnected)(self.agent_id)
+            await run_db(actions.agent_disconnected, self.agent_id, self.session)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
@@ -53,9 +66,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         elif isinstance(frame, protocol.Events):
             await self._events(frame)
         elif isinstance(frame, protocol.Heartbeat):
-            await database_sync_to_async(actions.record_heartbeat)(self.agent_id, frame)
+            await self._heartbeat(frame)
         elif isinstance(frame, protocol.Result):
-            await database_sync_to_async(commands.record_result)(self.agent_id, frame)
+            await run_db(commands.record_result, self.agent_id, frame)
 
     async def _hello(self, hello: protocol.Hello) -> None:
         if hello.agent != self.agent_id:
@@ -67,14 +80,29 @@ class AgentConsumer(AsyncWebsocketConsumer):
             )
             await self.close(code=protocol.CLOSE_WRONG_AGENT)
             return
-        stored = await database_sync_to_async(actions.register_agent)(hello)
+        self.session = self.session or secrets.token_hex(16)
+        registered = await run_db(actions.register_agent, hello, self.session)
+        self.members = registered.members
         if not self.greeted:
             await self.channel_layer.group_add(agent_group(hello.agent), self.channel_name)
         self.greeted = True
-        await self._send(protocol.Ack(seq=stored))
+        await self._send(protocol.Ack(seq=registered.last_seq))
 
     async def _events(self, frame: protocol.Events) -> None:
-        result = await database_sync_to_async(actions.ingest_events)(self.agent_id, frame.items)
+        assert self.agent_id is not None
+        try:
+            result = await ingest_queue().submit(Frame(self.agent_id, frame.items))
+        except IngestFailed as exc:
+            # Nothing is lost: unacked events stay in the agent's spool and are sent again
+            # when it reconnects.
+            await self._send(protocol.Error(code="unavailable", message=str(exc)))
+            await self.close(code=CLOSE_TRY_AGAIN)
+            return
+        for name in {e.election for e in frame.items}:
+            if name in self.members:  # its state may have moved: the next heartbeat writes it
+                self.members[name].view = None
+        if result.unknown_elections:
+            self.members = await run_db(heartbeats.members_of, self.agent_id)
         for name in result.unknown_elections:
             await self._send(
                 protocol.Error(
@@ -83,6 +111,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 )
             )
         await self._send(protocol.Ack(seq=result.acked))
+
+    async def _heartbeat(self, frame: protocol.Heartbeat) -> None:
+        assert self.agent_id is not None
+        now = timezone.now()
+        changed, renewed = heartbeats.rows(self.members, frame, now)
+        buffer = liveness()
+        buffer.seen(self.agent_id, self.session, now)
+        for row in renewed:
+            buffer.lease(row.member_id, row.election_id, row.lease_expires, row.claims)
+        if changed:
+            await run_db(heartbeats.write_views, self.agent_id, changed)
+            by_id = {m.id: m for m in self.members.values()}
+            for row in changed:
+                by_id[row.member_id].view = row.view
 
     async def _reject(self, exc: protocol.ProtocolError) -> None:
         self.errors += 1

@@ -21,6 +21,12 @@ class Agent(models.Model):
     last_seen = models.DateTimeField(null=True, blank=True)
     #: Highest seq stored with no gap below it: what the dashboard acks.
     last_seq = models.BigIntegerField(default=0)
+    #: Highest seq stored at all; above ``last_seq`` only while a gap waits to be filled.
+    max_seq = models.BigIntegerField(default=0)
+    #: The websocket session that speaks for this agent now (empty: none). A late write from
+    #: an older session (a socket closing on one server while the agent already reconnected
+    #: to another) must not mark the agent offline or online.
+    session = models.CharField(max_length=32, blank=True)
 
     class Meta:
         ordering = ["id"]

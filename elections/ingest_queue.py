@@ -1,0 +1,94 @@
+"""Group commit: events frames from many agents stored in one transaction.
+
+Each agent's consumer awaits its frame's result in order; the frames waiting at the same
+moment, from any agents, go to the database together (``ingest.ingest_frames``), so a burst
+of 1,000 agents costs a few transactions instead of 1,000. Several writers run at once, so
+one slow transaction (a lock wait, a slow disk) holds only the frames it carries. A batch
+that fails is retried frame by frame: one bad frame fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+
+from elections.db import run_db
+from elections.ingest import Frame, IngestResult, ingest_frames
+
+log = logging.getLogger(__name__)
+
+#: Transactions in flight at once, per process.
+WRITERS = 3
+#: Events per transaction at most (about 10 ms of database time each).
+MAX_EVENTS = 2000
+
+
+class IngestQueue:
+    def __init__(self, writers: int = WRITERS, max_events: int = MAX_EVENTS) -> None:
+        self.max_events = max_events
+        self._queue: asyncio.Queue[tuple[Frame, asyncio.Future[IngestResult]]] = asyncio.Queue()
+        self._writers = [
+            asyncio.get_running_loop().create_task(self._write(), name=f"ingest writer {i}")
+            for i in range(writers)
+        ]
+
+    async def submit(self, frame: Frame) -> IngestResult:
+        """Store a frame; returns once it is committed (or raises why it could not be)."""
+        done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((frame, done))
+        return await done
+
+    async def _write(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            events = len(batch[0][0].events)
+            while events < self.max_events and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                events += len(item[0].events)
+            try:
+                results = await run_db(ingest_frames, [frame for frame, _ in batch])
+            except Exception:
+                if len(batch) == 1:
+                    _fail(batch[0][1], batch[0][0])
+                    continue
+                for frame, done in batch:
+                    try:
+                        [result] = await run_db(ingest_frames, [frame])
+                    except Exception:
+                        _fail(done, frame)
+                    else:
+                        _resolve(done, result)
+            else:
+                for (_, done), result in zip(batch, results, strict=True):
+                    _resolve(done, result)
+
+
+def _resolve(done: asyncio.Future[IngestResult], result: IngestResult) -> None:
+    if not done.done():
+        done.set_result(result)
+
+
+def _fail(done: asyncio.Future[IngestResult], frame: Frame) -> None:
+    log.exception("could not store %d event(s) of agent %s", len(frame.events), frame.agent_id)
+    if not done.done():
+        done.set_exception(IngestFailed(f"could not store the events of {frame.agent_id}"))
+
+
+class IngestFailed(Exception):
+    """The database refused or could not take a frame; the agent should resend it later."""
+
+
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IngestQueue] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def ingest_queue() -> IngestQueue:
+    """The queue of the running event loop (one per server process)."""
+    loop = asyncio.get_running_loop()
+    queue = _queues.get(loop)
+    if queue is None:
+        queue = _queues[loop] = IngestQueue()
+    return queue

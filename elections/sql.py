@@ -1,0 +1,124 @@
+"""Set-based writes the ORM does not offer, portable between PostgreSQL and SQLite.
+
+``bulk_create``/``bulk_update`` cover most needs, but ``bulk_update`` builds one ``CASE`` arm
+per row (quadratic on a 5,000-row lease flush) and ``bulk_create`` cannot say which rows a
+conflict skipped. These helpers write one statement for any number of rows:
+
+- ``update_from_values``: ``WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE ...``
+- ``insert_ignore_returning``: ``INSERT ... ON CONFLICT (...) DO NOTHING RETURNING ...``
+
+Both forms run on PostgreSQL and on SQLite 3.35+ (Python 3.11 ships 3.40). Values go through
+each field's ``get_db_prep_value`` (so datetimes and JSON are stored as the ORM stores them),
+and on PostgreSQL the CTE's columns are cast to the field's column type: a column of only
+NULLs would otherwise be typed ``text``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.db import connection, models
+
+#: Rows per statement: keeps the parameter count under SQLite's limit (32,766) and each
+#: statement's text to a few hundred kilobytes.
+CHUNK_PARAMS = 30_000
+
+
+def _column(model: type[models.Model], name: str) -> tuple[models.Field, str]:
+    field = model._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field, field.column
+
+
+def _prep(fields: Sequence[models.Field], row: Sequence[Any]) -> list[Any]:
+    return [
+        None if value is None else field.get_db_prep_value(value, connection, prepared=False)
+        for field, value in zip(fields, row, strict=True)
+    ]
+
+
+def _cast(expr: str, field: models.Field) -> str:
+    if connection.vendor != "postgresql":
+        return expr  # SQLite is dynamically typed: the bound value is stored as given
+    return f"CAST({expr} AS {field.cast_db_type(connection)})"
+
+
+def _chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterable[Sequence[Sequence[Any]]]:
+    size = max(1, CHUNK_PARAMS // max(width, 1))
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def update_from_values(
+    model: type[models.Model],
+    keys: Sequence[str],
+    fields: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    where: str = "",
+) -> int:
+    """Set ``fields`` from each row, matched on ``keys``; rows are ``(*keys, *fields)``.
+
+    ``where`` adds a condition on the target table (``t``) or the values (``v``), e.g. a
+    compare-and-set guard. Returns the number of rows updated.
+    """
+    if not rows:
+        return 0
+    names = [*keys, *fields]
+    columns = [_column(model, name) for name in names]
+    model_fields = [field for field, _ in columns]
+    table = connection.ops.quote_name(model._meta.db_table)
+    q = connection.ops.quote_name
+    aliases = [f"c{i}" for i in range(len(names))]
+    sets = ", ".join(
+        f"{q(column)} = {_cast(f'v.{alias}', field)}"
+        for (field, column), alias in zip(columns[len(keys) :], aliases[len(keys) :], strict=True)
+    )
+    match = " AND ".join(
+        f"t.{q(column)} = {_cast(f'v.{alias}', field)}"
+        for (field, column), alias in zip(columns[: len(keys)], aliases[: len(keys)], strict=True)
+    )
+    updated = 0
+    with connection.cursor() as cursor:
+        for chunk in _chunks(rows, len(names)):
+            placeholders = ", ".join("(" + ", ".join(["%s"] * len(names)) + ")" for _ in chunk)
+            sql = (
+                f"WITH v({', '.join(aliases)}) AS (VALUES {placeholders}) "
+                f"UPDATE {table} AS t SET {sets} FROM v WHERE {match}"
+                + (f" AND ({where})" if where else "")
+            )
+            params = [value for row in chunk for value in _prep(model_fields, row)]
+            cursor.execute(sql, params)
+            updated += cursor.rowcount
+    return updated
+
+
+def insert_ignore_returning(
+    model: type[models.Model],
+    fields: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    conflict: Sequence[str],
+    returning: Sequence[str],
+) -> list[tuple[Any, ...]]:
+    """Insert rows, skip those that clash on ``conflict``; return ``returning`` of the new."""
+    if not rows:
+        return []
+    columns = [_column(model, name) for name in fields]
+    model_fields = [field for field, _ in columns]
+    q = connection.ops.quote_name
+    table = q(model._meta.db_table)
+    target = ", ".join(q(_column(model, name)[1]) for name in conflict)
+    back = ", ".join(q(_column(model, name)[1]) for name in returning)
+    inserted: list[tuple[Any, ...]] = []
+    with connection.cursor() as cursor:
+        for chunk in _chunks(rows, len(fields)):
+            placeholders = ", ".join("(" + ", ".join(["%s"] * len(fields)) + ")" for _ in chunk)
+            sql = (
+                f"INSERT INTO {table} ({', '.join(q(c) for _, c in columns)}) "
+                f"VALUES {placeholders} ON CONFLICT ({target}) DO NOTHING RETURNING {back}"
+            )
+            cursor.execute(sql, [value for row in chunk for value in _prep(model_fields, row)])
+            inserted += cursor.fetchall()
+    return inserted
