@@ -86,18 +86,48 @@ def election_json(e: Election) -> dict[str, Any]:
     }
 
 
-def _elections() -> Any:
-    return leadermap.elections(leadermap.MapFilter())
+#: Elections per page of ``GET /api/v1/elections`` unless ``limit`` says otherwise.
+ELECTIONS_PAGE = 500
 
 
 @api_auth
 def elections(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"elections": [election_json(e) for e in _elections()]})
+    """A page of elections in name order, with the total; ``next`` links the next page.
+
+    ``after`` is a cursor (the last name of the previous page): pages stay consistent while
+    elections come and go, and page 10 costs what page 1 does. The map's filters apply too.
+    """
+    flt = leadermap.MapFilter.from_query(request.GET)
+    try:
+        limit = exports.parse_int(
+            request.GET.get("limit"),
+            "limit",
+            low=1,
+            high=exports.API_MAX_LIMIT,
+            default=ELECTIONS_PAGE,
+        )
+    except exports.BadFilter as bad:
+        return JsonResponse({"error": str(bad)}, status=400)
+    after = request.GET.get("after", "")
+    total = flt.apply(Election.objects.all()).count()
+    rows = leadermap.elections(flt=flt).order_by("name")
+    if after:
+        rows = rows.filter(name__gt=after)
+    page = list(rows[: limit + 1])
+    more, page = len(page) > limit, page[:limit]
+    following = None
+    if more:
+        query = request.GET.copy()
+        query["after"] = page[-1].name
+        following = f"{request.path}?{query.urlencode()}"
+    return JsonResponse(
+        {"elections": [election_json(e) for e in page], "total": total, "next": following}
+    )
 
 
 @api_auth
 def election(request: HttpRequest, name: str) -> JsonResponse:
-    return JsonResponse(election_json(get_object_or_404(_elections(), name=name)))
+    return JsonResponse(election_json(get_object_or_404(leadermap.elections(), name=name)))
 
 
 @api_auth

@@ -1,61 +1,43 @@
-"""The browser's live websocket (``/ws/live/``): out-of-band HTML swaps for the leader map.
+"""The browser's live websocket (``/ws/live/``): joins the process's live hub.
 
-Changes are coalesced per connection over a short window, so a burst of events becomes one
-update; every (re)connect starts with a full snapshot because a Redis channel layer may drop
-messages for a channel that is over capacity.
+Thin: the hub (``dashboard.live``) renders and sends; the page only acks the frames it has
+applied (``{"ack": N}``), which is how the hub knows a browser has fallen behind.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 from django.http import QueryDict
 
-from dashboard import leadermap
-from elections.broadcast import FLEET_GROUP
+from dashboard.leadermap import MapView
+from dashboard.live import Viewer, hub
 
 
 class LiveConsumer(AsyncWebsocketConsumer):
+    viewer: Viewer | None = None
+
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        self.filter = leadermap.MapFilter.from_query(
-            QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
-        )
-        self.can_operate = await database_sync_to_async(user.has_perm)("elections.force_stepdown")
-        self.pending: set[int] = set()
-        self.shown: set[int] = set()
-        self.flusher: asyncio.Task[None] | None = None
+        query = QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
         await self.accept()
-        await self.channel_layer.group_add(FLEET_GROUP, self.channel_name)
-        html, self.shown = await database_sync_to_async(leadermap.render_snapshot)(
-            self.filter, self.can_operate
-        )
-        await self.send(text_data=html)
+        self.viewer = hub().join(self, MapView.from_query(query))
 
     async def disconnect(self, code: int) -> None:
-        await self.channel_layer.group_discard(FLEET_GROUP, self.channel_name)
-        if getattr(self, "flusher", None):
-            self.flusher.cancel()
+        if self.viewer is not None:
+            hub().leave(self.viewer)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """The page sends nothing; commands go through hx-post forms with CSRF."""
-
-    async def fleet_changed(self, message: dict[str, list[int]]) -> None:
-        self.pending.update(message["elections"])
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        while self.pending:
-            await asyncio.sleep(settings.ELECTORATE_LIVE_COALESCE)
-            ids, self.pending = self.pending, set()
-            html, self.shown = await database_sync_to_async(leadermap.render_update)(
-                ids, self.filter, self.shown, self.can_operate
-            )
-            await self.send(text_data=html)
+        """Acks only; commands go through hx-post forms with CSRF."""
+        if self.viewer is None or not text_data:
+            return
+        try:
+            seq = json.loads(text_data).get("ack")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(seq, int):
+            hub().ack(self.viewer, seq)

@@ -136,6 +136,8 @@ ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 ELECTORATE_AGENT_STALE_AFTER = float(env("ELECTORATE_AGENT_STALE_AFTER", "15"))
 #: Coalescing window of the live map: a burst of changes becomes one update.
 ELECTORATE_LIVE_COALESCE = float(env("ELECTORATE_LIVE_COALESCE", "0.1"))
+#: The live map never sends a websocket frame larger than this (the server refuses 1 MiB).
+ELECTORATE_LIVE_FRAME_LIMIT = int(env("ELECTORATE_LIVE_FRAME_LIMIT", str(256 * 1024)))
 #: Threads (each with its own database connection) for the websockets' database work.
 ELECTORATE_DB_THREADS = int(env("ELECTORATE_DB_THREADS", "8"))
 

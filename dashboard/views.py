@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
+from django.template.loader import render_to_string
 
 from dashboard import control, leadermap
 from elections.models import Election
@@ -12,22 +13,25 @@ from elections.models import Election
 
 @login_required
 def leader_map(request: HttpRequest) -> HttpResponse:
-    flt = leadermap.MapFilter.from_query(request.GET)
-    items = list(leadermap.elections(flt))
+    view = leadermap.MapView.from_query(request.GET)
+    p = leadermap.pieces(view, oob=False)
+    body = render_to_string(
+        "elections/_rows.html", {"rows": "".join(p.rows), "empty": not p.state.total}
+    )
     return render(
         request,
         "elections/map.html",
         {
-            "rows": leadermap.render_rows(
-                items, can_operate=request.user.has_perm("elections.force_stepdown")
-            ),
-            "empty": not items,
-            "summary": leadermap.render_summary(),
-            "filter": flt,
+            "view": view,
+            "summary": p.summary,
+            "attention": "".join(p.attention),
+            "groups": p.groups,
+            "body": body,
+            "pager": p.pager,
             "backends": Election.objects.order_by("backend")
             .values_list("backend", flat=True)
             .distinct(),
-            "statuses": ["led", "leaderless", "split-brain", "unverified"],
+            "statuses": leadermap.STATUSES,
         },
     )
 
@@ -40,9 +44,7 @@ def election_detail(request: HttpRequest, name: str) -> HttpResponse:
         "elections/detail.html",
         {
             "e": election,
-            **leadermap.row_context(
-                leadermap.elections(leadermap.MapFilter(), [election.pk]).get()
-            ),
+            **leadermap.row_context(leadermap.elections([election.pk]).get()),
             "terms": election.terms.select_related("leader")[:50],
             "commands": control.recent_commands(election),
             "can_operate": request.user.has_perm("elections.force_stepdown"),

@@ -12,7 +12,8 @@ the events arrived, exactly as if each event were applied on its own:
   others (``superseded``, or ``agent-offline`` when their agent is gone); tokens only grow;
 - a "leader" event with an older token is history, not news: its term is recorded, ended
   where its successor began;
-- leaving the leader state ends that term with the reason the agent gave.
+- leaving the leader state ends that term with the reason the agent gave; the same leader
+  winning again with the same token resumes it.
 
 Locks are taken agents first, then elections, each in key order, then the audit lock last,
 so concurrent batches never deadlock.
@@ -275,8 +276,24 @@ def _open_term(batch: _Batch, agent_id: str, election: Election, token: int, at:
                 batch, Term(election_id=election.pk, leader_id=agent_id, token=token, started=at)
             )
         return
+    term = batch.term(election.pk, token)
+    if election.token == token and term is not None and term.leader_id == agent_id:
+        # The same leader back in the same term (its local lease lapsed under load and it
+        # proved it again, e.g. a Raft leader that never lost its quorum): the term resumes.
+        if election.leader_id is None:
+            election.leader_id, election.leader_since, election.leaderless_since = (
+                agent_id,
+                at,
+                None,
+            )
+            batch.dirty_elections.add(election.pk)
+        if term.ended is not None:
+            term.ended, term.end_reason = None, ""
+            if term.pk is not None:
+                batch.ended_terms[term.pk] = term
+        return
     # A late event (replayed from a spool after a newer term was seen): history, not news.
-    if batch.term(election.pk, token) is None:
+    if term is None:
         successor = _successor(batch, election.pk, token)
         _create(
             batch,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -42,3 +45,10 @@ def event(seq: int, election: str, to: str = "leader", token: int = 1, **extra: 
         "at": extra.pop("at", datetime.now(UTC)).isoformat(),
         **extra,
     }
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end from synchronous code, even inside a running event loop
+    (Playwright's sync API runs one), on a thread of its own."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -91,7 +91,9 @@ class LiveDashboard:
                 self.proc.kill()
 
 
-def start_dashboard(workdir: Path, *, production: bool) -> LiveDashboard:
+def start_dashboard(
+    workdir: Path, *, production: bool, extra_env: dict[str, str] | None = None
+) -> LiveDashboard:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DEBUG")}
@@ -102,6 +104,7 @@ def start_dashboard(workdir: Path, *, production: bool) -> LiveDashboard:
         ELECTORATE_AGENT_STALE_AFTER="5",
         ELECTORATE_LIVE_COALESCE="0.05",
     )
+    env.update(extra_env or {})
     dashboard = LiveDashboard(url=f"http://127.0.0.1:{port}", env=env, workdir=workdir)
     if production:
         name = "electorate_live_" + secrets.token_hex(4)
@@ -238,3 +241,52 @@ async def open_agent(
 
 async def frame(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+@dataclass
+class LiveViewer:
+    """A browser's live socket as the page's script drives it: frames are acked once read."""
+
+    ws: ClientConnection
+    applied: int = 0
+
+    async def next(self, *, ack: bool = True, timeout: float = 10) -> str:
+        text = await asyncio.wait_for(self.ws.recv(), timeout)
+        self.applied += 1
+        if ack:
+            await self.ack()
+        return text
+
+    async def ack(self) -> None:
+        await self.ws.send(json.dumps({"ack": self.applied}))
+
+    async def until(self, wanted: str, timeout: float = 10) -> str:
+        """Read (and ack) frames until one contains ``wanted``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"no live frame with {wanted!r} within {timeout}s")
+            text = await self.next(timeout=left)
+            if wanted in text:
+                return text
+
+
+async def hello_many(
+    dashboard: LiveDashboard, agent_id: str, names: list[str], token: str, **labels: str
+) -> ClientConnection:
+    """An agent holding many elections (one hello), its ack read."""
+    ws = await connect(dashboard.ws_agent, additional_headers={"Authorization": f"Bearer {token}"})
+    await ws.send(
+        json.dumps(
+            {
+                "type": "hello",
+                "agent": agent_id,
+                "elections": [
+                    {"name": n, "backend": "raft", "ttl": 1, "labels": labels} for n in names
+                ],
+            }
+        )
+    )
+    assert (await frame(ws))["type"] == "ack"
+    return ws

@@ -64,7 +64,9 @@ def test_step_down_from_the_map_with_confirmation(
 ) -> None:
     page = browser.new_page()
     log_in(page, embedded_dashboard)
-    row = page.locator("tr", has=page.get_by_role("link", name="search/shard-1", exact=True))
+    row = page.locator(
+        "#election-rows tr", has=page.get_by_role("link", name="search/shard-1", exact=True)
+    )
     leader_cell = row.get_by_test_id("leader")
     expect(leader_cell).to_have_text(one_of(demo.AGENTS), timeout=15_000)
     old_leader = leader_cell.inner_text()
@@ -97,7 +99,9 @@ def test_a_killed_leader_is_replaced_live_on_the_map(
     )
     log_in(page, embedded_dashboard)
 
-    row = page.locator("tr", has=page.get_by_role("link", name="billing/cluster", exact=True))
+    row = page.locator(
+        "#election-rows tr", has=page.get_by_role("link", name="billing/cluster", exact=True)
+    )
     leader_cell = row.get_by_test_id("leader")
     expect(leader_cell).to_have_text(one_of(demo.AGENTS), timeout=15_000)
     expect(row.locator(".status")).to_have_text("led")

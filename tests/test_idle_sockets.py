@@ -15,7 +15,15 @@ import uuid
 import pytest
 
 from tests.helpers import event
-from tests.live import LiveDashboard, create_user, frame, log_in, open_agent, open_live
+from tests.live import (
+    LiveDashboard,
+    LiveViewer,
+    create_user,
+    frame,
+    log_in,
+    open_agent,
+    open_live,
+)
 
 pytestmark = pytest.mark.live
 
@@ -36,9 +44,9 @@ async def test_idle_production_sockets_stay_open_and_working(
     agents = [await open_agent(dashboard, a, [name], token=tokens[a]) for a in ids]
     for ws in agents:
         assert await frame(ws) == {"type": "ack", "seq": 0}
-    viewers = [await open_live(dashboard, session) for _ in range(VIEWERS)]
-    for ws in viewers:
-        await asyncio.wait_for(ws.recv(), 10)  # the snapshot
+    viewers = [LiveViewer(await open_live(dashboard, session)) for _ in range(VIEWERS)]
+    for viewer in viewers:
+        await viewer.next()  # the snapshot
 
     await asyncio.sleep(IDLE)
 
@@ -51,14 +59,8 @@ async def test_idle_production_sockets_stay_open_and_working(
         json.dumps({"type": "events", "items": [event(2, name, token=1, leader=leader)]})
     )
     assert await frame(agents[0]) == {"type": "ack", "seq": 2}
-    for ws in viewers:  # each browser socket still gets the live update naming the leader
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            text = await asyncio.wait_for(
-                ws.recv(), max(0.1, deadline - asyncio.get_running_loop().time())
-            )
-            if leader in text:
-                break
-    for ws in agents + viewers:
+    for viewer in viewers:  # each browser socket still gets the live update naming the leader
+        await viewer.until(leader)
+    for ws in agents + [v.ws for v in viewers]:
         await ws.close()
     assert "Timeout reading" not in dashboard.log()

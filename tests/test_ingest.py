@@ -107,6 +107,23 @@ def test_resigning_leaves_the_election_leaderless() -> None:
     assert Term.objects.get().end_reason == "lost"
 
 
+def test_a_leader_back_in_the_same_term_resumes_it() -> None:
+    actions.register_agent(hello("a", "e/1"))
+    actions.ingest_events(
+        "a",
+        [
+            ev(1, "leader", 3),
+            ev(2, "follower", 3, frm="leader", at=1, reason="expired"),
+            ev(3, "leader", 3, at=2),
+        ],
+    )
+    election = Election.objects.get()
+    assert (election.status, election.leader_id, election.token) == ("led", "a", 3)
+    assert election.leader_since == T0 + timedelta(seconds=2)
+    term = Term.objects.get()
+    assert (term.ended, term.end_reason) == (None, "")
+
+
 def test_two_connected_claimants_are_a_split_brain() -> None:
     actions.register_agent(hello("a", "e/1"))
     actions.register_agent(hello("b", "e/1"))

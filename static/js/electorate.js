@@ -27,6 +27,17 @@
   document.addEventListener("htmx:oobAfterSwap", tick);
   document.addEventListener("htmx:wsAfterMessage", tick);
 
+  // Flow control: ack each live frame once applied. A browser that falls behind stops
+  // getting updates and, once it catches up, gets one fresh snapshot instead of the backlog.
+  let applied = 0;
+  document.addEventListener("htmx:wsOpen", function () { applied = 0; });
+  document.addEventListener("htmx:wsAfterMessage", function (ev) {
+    applied += 1;
+    if (ev.detail && ev.detail.socketWrapper) {
+      ev.detail.socketWrapper.send(JSON.stringify({ ack: applied }));
+    }
+  });
+
   function setLive(text) {
     const el = document.getElementById("live-state");
     if (el) el.textContent = text;
@@ -34,12 +45,13 @@
   document.addEventListener("htmx:wsOpen", function () { setLive("live updates: connected"); });
   document.addEventListener("htmx:wsClose", function () { setLive("live updates: reconnecting…"); });
 
-  // Keyboard: "/" finds, j/k move between elections, Enter opens the focused one.
-  function rows() { return Array.from(document.querySelectorAll("#election-rows tr[data-election]")); }
+  // Keyboard: "/" finds, j/k move between elections (attention list first), Enter opens the
+  // focused one, [ and ] turn the page.
+  function rows() { return Array.from(document.querySelectorAll("tr[data-election]")); }
   function move(delta) {
     const all = rows();
     if (!all.length) return;
-    const current = document.querySelector("#election-rows tr.current");
+    const current = document.querySelector("tr[data-election].current");
     let index = current ? all.indexOf(current) + delta : 0;
     index = Math.max(0, Math.min(all.length - 1, index));
     if (current) current.classList.remove("current");
@@ -55,6 +67,9 @@
     } else if ((ev.key === "j" || ev.key === "k") && !typing && !ev.ctrlKey && !ev.metaKey) {
       ev.preventDefault();
       move(ev.key === "j" ? 1 : -1);
+    } else if ((ev.key === "[" || ev.key === "]") && !typing) {
+      const link = document.querySelector(ev.key === "]" ? "#pager a[rel=next]" : "#pager a[rel=prev]");
+      if (link) { ev.preventDefault(); link.click(); }
     } else if (ev.key === "Escape" && typing) {
       ev.target.blur();
     }

@@ -1,0 +1,253 @@
+"""The live map over ``/ws/live/``: one hub per server process, shared by its browsers.
+
+- The hub alone listens to the channel layer's ``fleet`` group (one channel per process, not
+  one per browser), collects the ids of changed elections for a short window and renders
+  what changed once per distinct view, on the database pool; every browser showing that view
+  gets the same fragments.
+- Renders run one at a time, in order, and every fragment is a whole element rendered from
+  the database: what a browser receives later is never older than what it has.
+- No frame exceeds ``ELECTORATE_LIVE_FRAME_LIMIT`` (the server refuses frames over 1 MiB):
+  fragments are packed into frames, and a page of rows is split across frames when it must be.
+- Flow control: the page's script acks how many frames it has applied on this socket. A
+  browser whose oldest unacked frame is older than ``MAX_LAG`` is behind: it gets no more
+  updates, and once it catches up it gets one fresh snapshot instead of the backlog.
+- Changes may be lost when the channel layer is away (Redis restarting): the hub re-joins
+  its group, and every browser then gets a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from dashboard import leadermap
+from dashboard.leadermap import MapView, Rendered, ViewState
+from elections.broadcast import FLEET_GROUP
+from elections.db import run_db
+
+log = logging.getLogger(__name__)
+
+#: A browser whose oldest unacked frame is older than this is behind (seconds).
+MAX_LAG = 1.0
+#: How often the hub renews its group membership (groups expire; Redis may restart).
+REJOIN_EVERY = 60.0
+
+
+def frame_limit() -> int:
+    return settings.ELECTORATE_LIVE_FRAME_LIMIT
+
+
+def _is_table(part: str) -> bool:
+    return part.lstrip().startswith(("<tr", "<tbody"))
+
+
+def pack(parts: Iterable[str], limit: int) -> list[str]:
+    """Join fragments into as few frames as fit ``limit`` bytes.
+
+    Table fragments (rows, table bodies) travel in frames of their own: htmx parses a frame
+    in a ``<template>``, where a ``<tr>`` after a ``<div>`` is dropped by the HTML parser.
+    Their order among themselves is kept (a body replaced, then rows appended to it).
+    """
+    items = list(parts)
+    frames: list[str] = []
+    for group in ([p for p in items if not _is_table(p)], [p for p in items if _is_table(p)]):
+        current: list[str] = []
+        size = 0
+        for part in group:
+            length = len(part.encode())
+            if current and size + length > limit:
+                frames.append("".join(current))
+                current, size = [], 0
+            if length > limit:
+                log.warning("a live fragment of %d bytes exceeds the frame limit", length)
+            current.append(part)
+            size += length
+        if current:
+            frames.append("".join(current))
+    return frames
+
+
+@dataclass(eq=False)
+class Viewer:
+    """One browser: what it shows and how far it is behind."""
+
+    consumer: AsyncWebsocketConsumer
+    view: MapView
+    state: ViewState | None = None  # None: needs a snapshot
+    sent: int = 0
+    #: (frame number, when sent) of frames not acked yet, oldest first.
+    unacked: deque[tuple[int, float]] = field(default_factory=deque)
+    #: Updates were withheld while it was behind: it needs a snapshot once it catches up.
+    skipped: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def behind(self, now: float) -> bool:
+        return bool(self.unacked) and now - self.unacked[0][1] > MAX_LAG
+
+    def acked(self, count: int) -> None:
+        while self.unacked and self.unacked[0][0] <= count:
+            self.unacked.popleft()
+
+    async def send(self, parts: list[str]) -> None:
+        async with self.lock:
+            for text in pack(parts, frame_limit()):
+                self.sent += 1
+                self.unacked.append((self.sent, time.monotonic()))
+                await self.consumer.send(text_data=text)
+
+
+class LiveHub:
+    def __init__(self) -> None:
+        self.viewers: set[Viewer] = set()
+        self.pending: set[int] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._listen(), name="live listen"),
+                loop.create_task(self._render_loop(), name="live render"),
+            ]
+
+    # -- browsers -------------------------------------------------------------------------
+
+    def join(self, consumer: AsyncWebsocketConsumer, view: MapView) -> Viewer:
+        self._start()
+        viewer = Viewer(consumer, view)
+        self.viewers.add(viewer)
+        self._wake.set()  # its snapshot comes with the next render
+        return viewer
+
+    def leave(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+
+    def ack(self, viewer: Viewer, count: int) -> None:
+        viewer.acked(count)
+        if viewer.skipped and not viewer.behind(time.monotonic()):
+            viewer.skipped = False
+            viewer.state = None  # it missed updates: a fresh snapshot, not the backlog
+            self._wake.set()
+
+    # -- the channel layer ------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        joined = -REJOIN_EVERY
+        failed = False
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if failed or loop.time() - joined >= REJOIN_EVERY:
+                    await layer.group_add(FLEET_GROUP, channel)
+                    joined = loop.time()
+                message = await asyncio.wait_for(layer.receive(channel), REJOIN_EVERY)
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("live map: channel layer unavailable (%s); retrying", exc)
+                failed = True
+                await asyncio.sleep(1.0)
+                continue
+            if failed:  # changes may have been missed meanwhile: everyone starts afresh
+                failed = False
+                for viewer in self.viewers:
+                    viewer.state = None
+            if message.get("type") == "fleet.changed":
+                self.pending.update(message.get("elections", ()))
+            self._wake.set()
+
+    # -- rendering ------------------------------------------------------------------------
+
+    async def _render_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.pending:  # coalesce a burst into one update
+                await asyncio.sleep(settings.ELECTORATE_LIVE_COALESCE)
+            changed, self.pending = self.pending, set()
+            try:
+                await self._render(changed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("live map: rendering failed; browsers get a snapshot next")
+                for viewer in self.viewers:
+                    viewer.state = None
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _render(self, changed: set[int]) -> None:
+        now = time.monotonic()
+        viewers = []
+        for viewer in self.viewers:
+            if viewer.behind(now):
+                viewer.skipped = True  # no more updates until it catches up
+            else:
+                viewers.append(viewer)
+        fresh = {v.view for v in viewers if v.state is None}
+        targets = {(v.view, v.state) for v in viewers if v.state is not None} if changed else set()
+        if not fresh and not targets:
+            return
+        snapshots, updates = await run_db(_render, fresh, targets, changed)
+        sends = []
+        for viewer in viewers:
+            if viewer not in self.viewers:
+                continue  # left meanwhile
+            if viewer.state is None:
+                rendered = snapshots.get(viewer.view)
+            else:
+                rendered = updates.get((viewer.view, viewer.state))
+            if rendered is None:
+                continue
+            viewer.state = rendered.state
+            if rendered.parts:
+                sends.append(viewer.send(rendered.parts))
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.info("live map: a browser went away while sending: %s", result)
+
+
+def _render(
+    fresh: set[MapView], targets: set[tuple[MapView, ViewState]], changed: set[int]
+) -> tuple[dict[MapView, Rendered], dict[tuple[MapView, ViewState], Rendered]]:
+    updates = leadermap.update(changed, targets) if targets else {}
+    snapshots = {view: leadermap.snapshot(view) for view in fresh}
+    return snapshots, updates
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LiveHub] = weakref.WeakKeyDictionary()
+
+
+def hub() -> LiveHub:
+    """The hub of the running event loop (one per server process)."""
+    loop = asyncio.get_running_loop()
+    found = _hubs.get(loop)
+    if found is None:
+        found = _hubs[loop] = LiveHub()
+    return found
+
+
+async def stop_hub() -> None:
+    """For tests: cancel the running loop's hub."""
+    found = _hubs.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        for task in found._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
