@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import QueryDict
 
 from dashboard.leadermap import MapView
 from dashboard.live import Viewer, hub
+from elections.db import PooledConsumer
 
 
-class LiveConsumer(AsyncWebsocketConsumer):
+class LiveConsumer(PooledConsumer):
     viewer: Viewer | None = None
 
     async def connect(self) -> None:

@@ -1,9 +1,9 @@
 """The live map over ``/ws/live/``: one hub per server process, shared by its browsers.
 
 - The hub alone listens to the channel layer's ``fleet`` group (one channel per process, not
-  one per browser), collects the ids of changed elections for a short window and renders
-  what changed once per distinct view, on the database pool; every browser showing that view
-  gets the same fragments.
+  one per browser) and renders what changed once per distinct view, on the database pool;
+  every browser showing that view gets the same fragments. A change after a quiet spell is
+  drawn at once; in a burst, changes are collected for ``ELECTORATE_LIVE_COALESCE`` seconds.
 - Renders run one at a time, in order, and every fragment is a whole element rendered from
   the database: what a browser receives later is never older than what it has.
 - No frame exceeds ``ELECTORATE_LIVE_FRAME_LIMIT`` (the server refuses frames over 1 MiB):
@@ -174,11 +174,16 @@ class LiveHub:
     # -- rendering ------------------------------------------------------------------------
 
     async def _render_loop(self) -> None:
+        last = -float("inf")
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.pending:  # coalesce a burst into one update
-                await asyncio.sleep(settings.ELECTORATE_LIVE_COALESCE)
+            # A change after a quiet spell is drawn at once; in a burst, at most one render
+            # per coalescing window, so the burst becomes a few updates rather than many.
+            wait = last + settings.ELECTORATE_LIVE_COALESCE - time.monotonic()
+            if self.pending and wait > 0:
+                await asyncio.sleep(wait)
+            last = time.monotonic()
             changed, self.pending = self.pending, set()
             try:
                 await self._render(changed)

@@ -82,12 +82,22 @@ TEMPLATES = [
 DATA_DIR = Path(env("ELECTORATE_DATA_DIR", str(BASE_DIR / "var")))
 DATABASES = {
     "default": dj_database_url.parse(
-        env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'electorate.sqlite3'}"), conn_max_age=60
+        env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'electorate.sqlite3'}"), conn_max_age=0
     )
 }
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # Under ASGI every request runs on a thread of its own, so persistent connections
+    # (CONN_MAX_AGE) would leave one open connection per finished request until the server
+    # refuses clients. psycopg's pool lends connections per use instead.
+    DATABASES["default"]["OPTIONS"] = {
+        "pool": {
+            "min_size": 2,
+            "max_size": int(env("ELECTORATE_DB_POOL", "16")),
+            "timeout": 10,
+        }
+    }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {
         # Writers queue instead of failing; IMMEDIATE avoids lock-upgrade deadlocks.
         "timeout": 20,

@@ -12,13 +12,12 @@ import logging
 import secrets
 from typing import Any
 
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
 from agent import protocol
 from elections import actions, commands, heartbeats, tokens
 from elections.broadcast import agent_group
-from elections.db import run_db
+from elections.db import PooledConsumer, run_db
 from elections.ingest import Frame
 from elections.ingest_queue import IngestFailed, ingest_queue
 from elections.liveness import liveness
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 CLOSE_TRY_AGAIN = 1013
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(PooledConsumer):
     agent_id: str | None = None
     session = ""
     greeted = False

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 P = ParamSpec("P")
@@ -35,3 +37,19 @@ async def run_db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run ``fn`` on the pool; stale connections are closed before and after, as channels does."""
     call = database_sync_to_async(fn, thread_sensitive=False, executor=pool())
     return await call(*args, **kwargs)
+
+
+class PooledConsumer(AsyncWebsocketConsumer):
+    """A websocket consumer whose database work all goes through ``run_db``.
+
+    channels' ``dispatch`` closes stale connections before every message through the single
+    thread-sensitive thread: one hop per frame, and every frame of every socket of the
+    process queues on that thread. ``run_db`` already closes stale connections around each
+    call on its own thread, so that hop buys nothing here.
+    """
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)

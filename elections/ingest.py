@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import BooleanField, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from agent import protocol
@@ -157,17 +158,33 @@ _TERM_FIELDS = ("pk", "election_id", "leader_id", "token", "started", "ended", "
 class _Batch:
     """The rows one batch reads, changes in memory and writes back."""
 
-    def __init__(self, election_ids: list[int], agent_ids: list[str], tokens: set[int]) -> None:
+    def __init__(
+        self, election_ids: list[int], pairs: set[tuple[str, int]], tokens: set[tuple[int, int]]
+    ) -> None:
         self.elections = {e.pk: e for e in statuses.locked(election_ids)}
+        agents = {a for a, _ in pairs}
         self.memberships = {
             (m.agent_id, m.election_id): m
-            for m in Membership.objects.filter(election_id__in=election_ids, agent_id__in=agent_ids)
+            for m in Membership.objects.filter(election_id__in=election_ids, agent_id__in=agents)
+            if (m.agent_id, m.election_id) in pairs
         }
-        current = {e.token for e in self.elections.values() if e.token is not None}
+        # The open terms, and the terms of the tokens this batch speaks of or the elections
+        # hold now: by (election, token), never all terms of a long-lived election.
+        wanted = tokens | {(e.pk, e.token) for e in self.elections.values() if e.token is not None}
+        which = Q(election_id__in=election_ids, ended__isnull=True)
+        if wanted:
+            pairs_sql = ", ".join(["(%s, %s)"] * len(wanted))
+            which |= Q(
+                RawSQL(
+                    f'("elections_term"."election_id", "elections_term"."token") IN '
+                    f"(VALUES {pairs_sql})",
+                    [value for pair in sorted(wanted) for value in pair],
+                    output_field=BooleanField(),
+                )
+            )
         self.terms = {
             (t.election_id, t.token): t
-            for t in Term.objects.filter(election_id__in=election_ids)
-            .filter(Q(ended__isnull=True) | Q(token__in=tokens | current))
+            for t in Term.objects.filter(which)
             .select_related("leader")
             .only("leader__connected", *_TERM_FIELDS)
         }
@@ -191,9 +208,9 @@ def _apply(
     now: datetime,
 ) -> list[int]:
     touched = sorted({election_ids[e.election] for _, e in fresh})
-    agent_ids = sorted({a for a, _ in fresh})
-    tokens = {e.token for _, e in fresh if e.token is not None}
-    batch = _Batch(touched, agent_ids, tokens)
+    pairs = {(a, election_ids[e.election]) for a, e in fresh}
+    tokens = {(election_ids[e.election], e.token) for _, e in fresh if e.token is not None}
+    batch = _Batch(touched, pairs, tokens)
     _ensure_memberships(batch, fresh, election_ids)
     batch.connected.update(connected)
 

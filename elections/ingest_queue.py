@@ -48,7 +48,17 @@ class IngestQueue:
                 batch.append(item)
                 events += len(item[0].events)
             try:
+                import time as _t
+
+                _t0 = _t.perf_counter()
                 results = await run_db(ingest_frames, [frame for frame, _ in batch])
+                if __import__("os").environ.get("ELECTORATE_DEBUG_BATCH"):
+                    log.warning(
+                        "batch %d frames %d events %.1f ms",
+                        len(batch),
+                        events,
+                        (_t.perf_counter() - _t0) * 1000,
+                    )
             except Exception:
                 if len(batch) == 1:
                     _fail(batch[0][1], batch[0][0])

@@ -7,15 +7,17 @@ conflict skipped. These helpers write one statement for any number of rows:
 - ``update_from_values``: ``WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE ...``
 - ``insert_ignore_returning``: ``INSERT ... ON CONFLICT (...) DO NOTHING RETURNING ...``
 
-Both forms run on PostgreSQL and on SQLite 3.35+ (Python 3.11 ships 3.40). Values go through
-each field's ``get_db_prep_value`` (so datetimes and JSON are stored as the ORM stores them),
-and on PostgreSQL the CTE's columns are cast to the field's column type: a column of only
-NULLs would otherwise be typed ``text``.
+Both forms run on SQLite 3.35+ (Python 3.11 ships 3.40). On PostgreSQL the rows travel as
+one array per column (``unnest(%s::bigint[], ...)``), as Django's own ``bulk_create`` does:
+a statement of a few placeholders instead of thousands is converted, sent and planned
+several times faster. Values go through each field's ``get_db_prep_value`` (datetimes and
+JSON are stored as the ORM stores them) and are cast to the column's type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from django.db import connection, models
@@ -31,9 +33,17 @@ def _column(model: type[models.Model], name: str) -> tuple[models.Field, str]:
     return field, field.column
 
 
+#: Values psycopg adapts as they are: on PostgreSQL they skip the fields' preparation, the
+#: larger part of the Python time of a big batch.
+_NATIVE = (int, str, float, bool, datetime)
+
+
 def _prep(fields: Sequence[models.Field], row: Sequence[Any]) -> list[Any]:
+    native = connection.vendor == "postgresql"
     return [
-        None if value is None else field.get_db_prep_value(value, connection, prepared=False)
+        value
+        if value is None or (native and isinstance(value, _NATIVE))
+        else field.get_db_prep_value(value, connection, prepared=False)
         for field, value in zip(fields, row, strict=True)
     ]
 
@@ -42,6 +52,20 @@ def _cast(expr: str, field: models.Field) -> str:
     if connection.vendor != "postgresql":
         return expr  # SQLite is dynamically typed: the bound value is stored as given
     return f"CAST({expr} AS {field.cast_db_type(connection)})"
+
+
+def _arrays(fields: Sequence[models.Field]) -> bool:
+    """Whether rows can travel as one array per column (PostgreSQL, no JSON columns)."""
+    return connection.vendor == "postgresql" and not any(
+        isinstance(f, models.JSONField) for f in fields
+    )
+
+
+def _unnest(fields: Sequence[models.Field], rows: Sequence[Sequence[Any]]) -> tuple[str, list]:
+    """``unnest(%s::type[], ...)`` and its parameters: one list per column."""
+    columns = [list(column) for column in zip(*(_prep(fields, row) for row in rows), strict=True)]
+    sql = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in fields)
+    return f"unnest({sql})", columns
 
 
 def _chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterable[Sequence[Sequence[Any]]]:
@@ -80,6 +104,23 @@ def update_from_values(
         for (field, column), alias in zip(columns[: len(keys)], aliases[: len(keys)], strict=True)
     )
     updated = 0
+    if _arrays(model_fields):
+        source, params = _unnest(model_fields, rows)
+        sets = ", ".join(
+            f"{q(column)} = v.{alias}"
+            for (_, column), alias in zip(columns[len(keys) :], aliases[len(keys) :], strict=True)
+        )
+        match = " AND ".join(
+            f"t.{q(column)} = v.{alias}"
+            for (_, column), alias in zip(columns[: len(keys)], aliases[: len(keys)], strict=True)
+        )
+        sql = (
+            f"UPDATE {table} AS t SET {sets} FROM {source} AS v({', '.join(aliases)}) "
+            f"WHERE {match}" + (f" AND ({where})" if where else "")
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount
     with connection.cursor() as cursor:
         for chunk in _chunks(rows, len(names)):
             placeholders = ", ".join("(" + ", ".join(["%s"] * len(names)) + ")" for _ in chunk)
@@ -112,11 +153,21 @@ def insert_ignore_returning(
     target = ", ".join(q(_column(model, name)[1]) for name in conflict)
     back = ", ".join(q(_column(model, name)[1]) for name in returning)
     inserted: list[tuple[Any, ...]] = []
+    names = ", ".join(q(c) for _, c in columns)
+    if _arrays(model_fields):
+        source, params = _unnest(model_fields, rows)
+        sql = (
+            f"INSERT INTO {table} ({names}) SELECT * FROM {source} "
+            f"ON CONFLICT ({target}) DO NOTHING RETURNING {back}"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
     with connection.cursor() as cursor:
         for chunk in _chunks(rows, len(fields)):
             placeholders = ", ".join("(" + ", ".join(["%s"] * len(fields)) + ")" for _ in chunk)
             sql = (
-                f"INSERT INTO {table} ({', '.join(q(c) for _, c in columns)}) "
+                f"INSERT INTO {table} ({names}) "
                 f"VALUES {placeholders} ON CONFLICT ({target}) DO NOTHING RETURNING {back}"
             )
             cursor.execute(sql, [value for row in chunk for value in _prep(model_fields, row)])

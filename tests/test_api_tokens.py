@@ -56,7 +56,7 @@ def test_the_api_accepts_a_bearer_token_as_its_user(client: Client, ann: Any) ->
     token = create_token("ann")
     response = client.get("/api/v1/elections", **bearer(token))
     assert response.status_code == 200
-    assert response.json() == {"elections": []}
+    assert response.json() == {"elections": [], "total": 0, "next": None}
     assert ApiToken.objects.get().last_used is not None
 
 

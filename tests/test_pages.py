@@ -113,3 +113,27 @@ def test_metrics_describe_the_fleet(sre: Client, client: Client, fleet: None) ->
     assert 'electorate_leader_changes_total{backend="etcd"} 1.0' in text
     assert 'electorate_agents{connected="true"} 2.0' in text
     assert "electorate_transitions_ingested_total 1.0" in text
+
+
+def test_the_elections_api_pages_with_a_cursor_and_reports_the_total(sre: Client) -> None:
+    names = [f"svc/{i:03d}" for i in range(7)]
+    actions.register_agent(
+        protocol.Hello(
+            agent="a",
+            elections=[protocol.ElectionInfo(name=n, backend="raft", ttl=1) for n in names],
+        )
+    )
+    first = sre.get("/api/v1/elections", {"limit": 3}).json()
+    assert first["total"] == 7
+    assert [e["name"] for e in first["elections"]] == names[:3]
+    seen = [e["name"] for e in first["elections"]]
+    following = first["next"]
+    while following:
+        page = sre.get(following).json()
+        assert page["total"] == 7
+        seen += [e["name"] for e in page["elections"]]
+        following = page["next"]
+    assert seen == names
+    assert sre.get("/api/v1/elections", {"limit": 0}).status_code == 400
+    filtered = sre.get("/api/v1/elections", {"q": "svc/00", "limit": 2}).json()
+    assert filtered["total"] == 7 and len(filtered["elections"]) == 2

@@ -1,0 +1,91 @@
+"""Ingest: N agents stream transitions over real websockets; acked transitions per second,
+ack latency, and an exactly-once check in the database."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import psycopg
+
+from bench.fleet import SimAgent, connect_all, median, percentile
+from bench.server import Dashboard
+
+#: The cycle each election goes through: follower -> candidate -> leader -> follower.
+CYCLE = [("candidate", False), ("leader", True), ("follower", False)]
+
+
+@dataclass
+class IngestFigures:
+    agents: int
+    sent: int
+    per_second: float
+    ack_p50: float
+    ack_p99: float
+    stored: int
+    duplicates: int
+    unacked: int
+    errors: int
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.stored == self.sent and self.duplicates == 0 and self.unacked == 0
+
+
+async def run(dashboard: Dashboard, *, agents: int, rate: float, seconds: float) -> IngestFigures:
+    """``agents`` agents together offer ``rate`` transitions a second for ``seconds``; each
+    transition is its own frame, sent at once and without waiting for acks (as the agent's
+    link does when transitions come one by one)."""
+    prefix = f"ing{random.randrange(10**6)}"
+    ids = [f"{prefix}-{i:05d}" for i in range(agents)]
+    tokens = dashboard.agent_tokens(ids)
+    fleet = [SimAgent(dashboard.ws_agent, a, tokens[a], [f"{a}/e0", f"{a}/e1"]) for a in ids]
+    await connect_all(fleet)
+    interval = agents / rate
+    started = time.monotonic()
+    deadline = started + seconds
+
+    async def stream(agent: SimAgent) -> None:
+        step, term = 0, 0
+        await asyncio.sleep(random.uniform(0, interval))
+        next_at = time.monotonic()
+        while next_at < deadline:
+            election = agent.elections[step % 2]
+            to, wins = CYCLE[(step // 2) % 3]
+            if wins:
+                term += 1
+            await agent.send_events([agent.event(election, to, term, agent.id if wins else None)])
+            step += 1
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    await asyncio.gather(*(stream(a) for a in fleet))
+    await asyncio.gather(*(a.drained(60) for a in fleet))
+    finished = max(
+        (started + seconds, *(time.monotonic() for a in fleet if a.acked < a.seq)), default=0
+    )
+    last_ack = time.monotonic() if any(a.acked < a.seq for a in fleet) else finished
+    sent = sum(a.seq for a in fleet)
+    latencies = [x for a in fleet for x in a.ack_latencies]
+    elapsed = max(seconds, (max(latencies, default=0) and last_ack - started))
+    with psycopg.connect(dashboard.env["DATABASE_URL"]) as conn:
+        stored, distinct = conn.execute(
+            "SELECT count(*), count(DISTINCT (agent_id, seq)) FROM elections_transition "
+            "WHERE agent_id LIKE %s",
+            [f"{prefix}-%"],
+        ).fetchone()
+    for agent in fleet:
+        await agent.close()
+    return IngestFigures(
+        agents=agents,
+        sent=sent,
+        per_second=sum(a.acked for a in fleet) / elapsed,
+        ack_p50=median(latencies),
+        ack_p99=percentile(latencies, 0.99),
+        stored=stored,
+        duplicates=stored - distinct,
+        unacked=sum(a.seq - a.acked for a in fleet),
+        errors=sum(len(a.errors) for a in fleet),
+    )
