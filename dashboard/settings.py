@@ -140,6 +140,12 @@ CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
+#: One queue per deployment: two dashboards sharing a Redis must not run each other's tasks.
+CELERY_TASK_DEFAULT_QUEUE = env("ELECTORATE_CELERY_QUEUE", "electorate")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+#: Campaign history (transitions) older than this many days is deleted; terms, commands and
+#: the audit log are kept.
+ELECTORATE_RETENTION_DAYS = float(env("ELECTORATE_RETENTION_DAYS", "90"))
 ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 
 #: An agent that has not sent anything for this long is marked offline by the sweep.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
@@ -19,7 +19,7 @@ from agent import protocol
 from elections import audit, heartbeats, statuses, tokens
 from elections.broadcast import elections_changed
 from elections.ingest import Frame, IngestResult, ingest_frames
-from elections.models import Agent, AgentToken, ApiToken, Election, Membership
+from elections.models import Agent, AgentToken, ApiToken, Election, Membership, Transition
 from elections.sql import update_from_values
 
 # -- agents and tokens ------------------------------------------------------------------
@@ -206,3 +206,19 @@ def refresh_all_statuses(chunk: int = 1000) -> int:
             elections_changed(flipped)
         changed += flipped
     return len(changed)
+
+
+def prune_history(before: datetime, *, batch: int = 5000) -> int:
+    """Delete transitions received before ``before``, a batch per transaction (short locks,
+    bounded memory); returns how many went. Terms, commands and the audit log stay."""
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            ids = list(
+                Transition.objects.filter(received__lt=before)
+                .order_by("pk")
+                .values_list("pk", flat=True)[:batch]
+            )
+            if not ids:
+                return deleted
+            deleted += Transition.objects.filter(pk__in=ids).delete()[0]

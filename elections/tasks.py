@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from celery import shared_task
 from django.conf import settings
+from django.utils import timezone
 
 from elections import actions, commands
 
@@ -29,12 +32,19 @@ def expire_commands() -> list[int]:
     return commands.expire()
 
 
+@shared_task
+def prune_history() -> int:
+    keep = timedelta(days=settings.ELECTORATE_RETENTION_DAYS)
+    return actions.prune_history(timezone.now() - keep)
+
+
 #: Every periodic task and its period in seconds: the one schedule beat and the ticker share.
 PERIODIC = [
     (sweep_stale_agents, 5.0),
     (refresh_statuses, 30.0),
     (run_scheduled_commands, 1.0),
     (expire_commands, 2.0),
+    (prune_history, 3600.0),
 ]
 
 

@@ -40,6 +40,8 @@ class LiveDashboard:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     cleanup: list[object] = field(default_factory=list)
+    #: Further processes of this dashboard (another server, the Celery worker).
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def ws_agent(self) -> str:
@@ -82,13 +84,34 @@ class LiveDashboard:
         path = self.workdir / "server.log"
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""
 
+    def serve(self, port: int, log: str = "server.log") -> subprocess.Popen[bytes]:
+        """Start one more server process of this dashboard (same database and Redis)."""
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=open(self.workdir / log, "ab"),  # noqa: SIM115 - owned by the child
+            stderr=subprocess.STDOUT,
+        )
+        wait_tcp("127.0.0.1", port, proc, "the dashboard", timeout=30)
+        return proc
+
+    def another_process(self) -> LiveDashboard:
+        """A second server process of the same dashboard, on a port of its own."""
+        port = free_port()
+        proc = self.serve(port, log=f"server-{port}.log")
+        self.others.append(proc)
+        return LiveDashboard(f"http://127.0.0.1:{port}", self.env, self.workdir, proc)
+
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+        for proc in [p for p in (self.proc, *self.others) if p is not None]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [p for p in (self.proc, *self.others) if p is not None]:
             try:
-                self.proc.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
 
 
 def start_dashboard(
@@ -114,7 +137,10 @@ def start_dashboard(
         env["DATABASE_URL"] = f"{base}/{name}"
         env["REDIS_URL"] = REDIS_URL.rsplit("/", 1)[0] + "/13"
         env["ELECTORATE_CHANNEL_PREFIX"] = name
-        env["ELECTORATE_TICKER"] = "1"  # no beat in tests: the sweep runs in-process
+        # As in production: periodic work runs in a Celery worker with beat, on a queue of
+        # this dashboard's own (other test sessions share the Redis).
+        env["ELECTORATE_TICKER"] = "0"
+        env["ELECTORATE_CELERY_QUEUE"] = name
 
         def drop() -> None:
             with psycopg.connect(PG_DSN, autocommit=True) as conn:
@@ -124,15 +150,34 @@ def start_dashboard(
     else:
         env["DATABASE_URL"] = f"sqlite:///{workdir / 'dashboard.sqlite3'}"
     dashboard.manage("migrate", "--verbosity", "0")
-    dashboard.proc = subprocess.Popen(
-        [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+    dashboard.proc = dashboard.serve(port)
+    if production:
+        dashboard.others.append(start_celery(dashboard))
+    return dashboard
+
+
+def start_celery(dashboard: LiveDashboard) -> subprocess.Popen[bytes]:
+    """A Celery worker with an embedded beat on the dashboard's Redis and queue."""
+    celery = Path(sys.executable).with_name("celery")
+    return subprocess.Popen(
+        [
+            str(celery),
+            "-A",
+            "dashboard",
+            "worker",
+            "--beat",
+            "--schedule",
+            str(dashboard.workdir / "beat-schedule"),
+            "--pool",
+            "solo",
+            "--loglevel",
+            "INFO",
+        ],
         cwd=ROOT,
-        env=env,
-        stdout=open(workdir / "server.log", "wb"),  # noqa: SIM115 - owned by the child
+        env=dashboard.env,
+        stdout=open(dashboard.workdir / "celery.log", "ab"),
         stderr=subprocess.STDOUT,
     )
-    wait_tcp("127.0.0.1", port, dashboard.proc, "the dashboard", timeout=30)
-    return dashboard
 
 
 def create_user(dashboard: LiveDashboard, username: str, password: str) -> None:

@@ -1,0 +1,88 @@
+"""Several server processes of one dashboard, joined by the Redis channel layer: an agent
+connected to process 1 obeys a step-down requested through process 2, and browsers on
+either process see the new leader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.live import LiveDashboard, LiveViewer, create_user, demo_fleet, log_in, open_live
+
+pytestmark = pytest.mark.live
+
+ELECTION = "search/shard-1"
+
+
+@pytest.fixture(scope="module")
+def second(production_dashboard: LiveDashboard) -> LiveDashboard:
+    return production_dashboard.another_process()
+
+
+@pytest.fixture(scope="module")
+def fleet(production_dashboard: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
+    # The agents talk to process 1 only.
+    with demo_fleet(production_dashboard, tmp_path_factory.mktemp("mp-fleet")) as procs:
+        yield procs
+
+
+def api(dashboard: LiveDashboard, token: str, method: str, path: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        dashboard.url + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+async def test_a_step_down_through_process_2_reaches_an_agent_on_process_1(
+    production_dashboard: LiveDashboard, second: LiveDashboard, fleet: dict
+) -> None:
+    create_user(production_dashboard, "mp-operator", "mp-password-123")
+    token = production_dashboard.manage("create_api_token", "mp-operator").strip()
+    session = log_in(second, "mp-operator", "mp-password-123")  # one login serves both
+    viewers = [
+        LiveViewer(await open_live(production_dashboard, session, "q=shard-1")),
+        LiveViewer(await open_live(second, session, "q=shard-1")),
+    ]
+    for viewer in viewers:
+        await viewer.next()
+
+    async def led() -> dict:
+        for _ in range(200):
+            data = api(second, token, "GET", f"/api/v1/elections/{ELECTION}")
+            followers = [m for m in data["members"] if m["state"] == "follower"]
+            if data["status"] == "led" and data["leader_connected"] and len(followers) == 2:
+                return data
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{ELECTION} never settled: {data}")
+
+    before = await led()
+    answer = api(
+        second,
+        token,
+        "POST",
+        f"/api/v1/elections/{ELECTION}/step-down",
+        {"reason": "rotate from the other process"},
+    )
+    command = answer["command"]
+    assert command["status"] == "done", command
+    assert command["new_leader"] != before["leader"] and command["new_token"] > before["token"]
+    new = command["new_leader"]
+    for viewer in viewers:  # both processes' browsers show the new leader in the row
+        await viewer.until(f'data-testid="leader">{new}<', timeout=10)
+    # Every server process serves the same state.
+    after = api(production_dashboard, token, "GET", f"/api/v1/elections/{ELECTION}")
+    assert after["leader"] == new and after["token"] == command["new_token"]
+    log = (second.workdir / f"server-{second.url.rsplit(':', 1)[1]}.log").read_text()
+    assert not re.search(r"Traceback", log), log[-2000:]
+    for viewer in viewers:
+        await viewer.ws.close()
