@@ -4,10 +4,12 @@ COPY pyproject.toml ./
 COPY agent agent
 COPY elections elections
 COPY dashboard dashboard
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[deploy]"
 COPY manage.py ./
 COPY templates templates
 COPY static static
-ENV PYTHONUNBUFFERED=1
+COPY deploy deploy
+ENV PYTHONUNBUFFERED=1 ELECTORATE_WEB_PROCESSES=2 ELECTORATE_BIND=tcp://0.0.0.0:8000
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "dashboard.asgi:application"]
+# Several daphne processes on one socket (see deploy/supervisord.conf).
+CMD ["supervisord", "-c", "deploy/supervisord.conf", "--pidfile", "/tmp/supervisord.pid"]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The test database (pytest-django creates test_<name> on this server) and servers.
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/electorate
 
-.PHONY: demo test install install-test system-deps lint bench clean
+.PHONY: demo test install install-test system-deps lint bench bench-failover clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test: install-test system-deps lint
 	DATABASE_URL=$(TEST_DATABASE_URL) SECRET_KEY=test-only $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test system-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-failover: install-test system-deps
 	$(BIN)/python bench/failover.py
 
 clean:

@@ -87,13 +87,14 @@ async def run(dashboard: Dashboard, *, elections: int, repeat: int = 10) -> MapF
     walked = time.monotonic() - started
 
     snapshots = []
-    for _ in range(3):
+    for _ in range(min(3, repeat)):
         browser = Browser(dashboard.url, session)
         opened = time.monotonic()
         await browser.open()
         # The snapshot ends with the page's pager (its last non-table part) and the rows.
         await browser.wait_for('id="pager"', 0, timeout=30)
-        await asyncio.sleep(1.0)
+        await browser.wait_for('<tbody id="election-rows"', 0, timeout=30)
+        await asyncio.sleep(0.5)
         last = max(at for at, _ in browser.frames)
         snapshots.append((last - opened, browser.frames))
         await browser.close()

@@ -46,10 +46,11 @@ class Sizes:
     latency_samples: int
     map_elections: int
     stepdown_runs: int
+    repeat: int = 10
 
 
 FULL = Sizes((100, 1000), 5000.0, 20.0, 5000, 30.0, (1, 100, 1000), 200, 5000, 5)
-QUICK = Sizes((5,), 50.0, 2.0, 20, 3.0, (2,), 5, 120, 1)
+QUICK = Sizes((5,), 50.0, 2.0, 20, 3.0, (2,), 5, 120, 1, repeat=2)
 PARTS = ("ingest", "heartbeats", "latency", "map", "stepdown")
 
 
@@ -113,7 +114,7 @@ async def part_latency(d: server.Dashboard, sizes: Sizes) -> list[Row]:
 
 
 async def part_map(d: server.Dashboard, sizes: Sizes) -> list[Row]:
-    f = await mapsize.run(d, elections=sizes.map_elections)
+    f = await mapsize.run(d, elections=sizes.map_elections, repeat=sizes.repeat)
     n = f"{f.elections:,} elections"
     return [
         Row(
@@ -176,7 +177,8 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-async def main_async(parts: list[str], sizes: Sizes, processes: int, out: Path | None) -> int:
+async def collect(parts: list[str], sizes: Sizes, processes: int) -> list[Row]:
+    """Run the parts, each against a dashboard of its own; one row per figure."""
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="electorate-bench-") as tmp:
         work = Path(tmp)
@@ -193,6 +195,11 @@ async def main_async(parts: list[str], sizes: Sizes, processes: int, out: Path |
                 rows += await with_dashboard(work / part, processes, jobs[part])
             except Exception as exc:  # one broken part must not hide the others' figures
                 rows.append(Row(part, f"failed: {exc}"[:200], "", False))
+    return rows
+
+
+async def main_async(parts: list[str], sizes: Sizes, processes: int, out: Path | None) -> int:
+    rows = await collect(parts, sizes, processes)
     print()
     print(
         f"Electorate benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {processes} server "

@@ -1,9 +1,6 @@
 """A production-mode dashboard for the benchmarks: a fresh PostgreSQL database, the Redis
-channel layer, and N ASGI server processes sharing one listening socket.
-
-The processes are started the way ``deploy/`` documents for production: daphne processes
-that inherit one bound socket (``daphne --fd``), as supervisord's ``fcgi-program`` starts
-them, so the kernel spreads connections over them.
+channel layer, and N daphne processes sharing one socket, started by supervisord with the
+production configuration (``deploy/supervisord.conf``).
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = os.environ.get("ELECTORATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -37,7 +35,6 @@ class Dashboard:
     database: str
     workdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    listener: socket.socket | None = None
 
     @property
     def ws_agent(self) -> str:
@@ -79,7 +76,12 @@ class Dashboard:
         return self.manage("create_api_token", username).strip()
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        """The server processes (supervisord's children)."""
+        children: list[int] = []
+        for proc in self.procs:
+            for task in Path(f"/proc/{proc.pid}/task").glob("*/children"):
+                children += [int(pid) for pid in task.read_text().split()]
+        return children
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -90,8 +92,6 @@ class Dashboard:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.listener is not None:
-            self.listener.close()
         time.sleep(0.3)
         with psycopg.connect(PG, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
@@ -116,36 +116,30 @@ def start(
         LOG_LEVEL="WARNING",
         **(extra_env or {}),
     )
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4096)
-    listener.set_inheritable(True)
-    port = listener.getsockname()[1]
-    dashboard = Dashboard(f"http://127.0.0.1:{port}", env, name, workdir, listener=listener)
+    port = free_port()
+    env.update(
+        ELECTORATE_WEB_PROCESSES=str(processes),
+        ELECTORATE_BIND=f"tcp://127.0.0.1:{port}",
+        PATH=f"{Path(python()).parent}:{env.get('PATH', '')}",
+    )
+    dashboard = Dashboard(f"http://127.0.0.1:{port}", env, name, workdir)
     dashboard.manage("migrate", "--verbosity", "0")
-    fd = listener.fileno()
-    for i in range(processes):
-        log = open(workdir / f"server-{i}.log", "wb")  # noqa: SIM115 - owned by the child
-        dashboard.procs.append(
-            subprocess.Popen(
-                [
-                    python(),
-                    "-m",
-                    "daphne",
-                    "--fd",
-                    str(fd),
-                    "--websocket-max-message-size",
-                    str(2**20),
-                    "dashboard.asgi:application",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(fd,),
-            )
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - owned by the child
+    dashboard.procs.append(
+        subprocess.Popen(
+            [
+                str(Path(python()).with_name("supervisord")),
+                "-c",
+                str(ROOT / "deploy" / "supervisord.conf"),
+                "--pidfile",
+                str(workdir / "supervisord.pid"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -158,8 +152,7 @@ def start(
                 break
             time.sleep(0.2)
     dashboard.stop()
-    logs = "\n".join((workdir / f"server-{i}.log").read_text()[-2000:] for i in range(processes))
-    raise RuntimeError(f"the dashboard did not start:\n{logs}")
+    raise RuntimeError(f"the dashboard did not start:\n{(workdir / 'server.log').read_text()}")
 
 
 def cpu_seconds(pids: list[int]) -> float:
