@@ -5,9 +5,11 @@ production configuration (``deploy/supervisord.conf``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -84,14 +86,18 @@ class Dashboard:
         return children
 
     def stop(self) -> None:
+        servers = self.pids()
         for proc in self.procs:
             if proc.poll() is None:
-                proc.terminate()
+                proc.terminate()  # supervisord stops its daphne processes
         for proc in self.procs:
             try:
-                proc.wait(15)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for pid in servers:  # none may outlive the bench
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.3)
         with psycopg.connect(PG, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')

@@ -123,6 +123,9 @@ if REDIS_URL:
                         "socket_timeout": REDIS_SOCKET_TIMEOUT,
                         "socket_connect_timeout": 3.0,
                         "socket_keepalive": True,
+                        # redis-py caps a pool at 100 connections and then fails the call:
+                        # 1,000 agents reconnecting at once each join their group.
+                        "max_connections": 2000,
                     }
                 ],
                 "prefix": env("ELECTORATE_CHANNEL_PREFIX", "electorate"),

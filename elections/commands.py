@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
 
 from agent import protocol
 from elections import audit
-from elections.broadcast import agent_group, elections_changed
+from elections.broadcast import agent_group, elections_changed, group_send
 from elections.models import Command, Election, Membership
 
 PERMISSION = "elections.force_stepdown"
@@ -201,11 +199,8 @@ def _dispatch(command: Command, election: Election) -> None:
 
 
 def _send(agent_ids: list[str], frame: str) -> None:
-    layer = get_channel_layer()
     for agent_id in agent_ids:
-        async_to_sync(layer.group_send)(
-            agent_group(agent_id), {"type": "agent.command", "frame": frame}
-        )
+        group_send(agent_group(agent_id), {"type": "agent.command", "frame": frame})
 
 
 def _finish(command: Command, status: str, result: str, *, by_agent: bool = False) -> None:

@@ -9,6 +9,7 @@ awaited in order by that agent's consumer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
@@ -22,6 +23,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _pool: ThreadPoolExecutor | None = None
+#: The event loop of this server process, once it has run database work (see broadcast).
+_loop: asyncio.AbstractEventLoop | None = None
 
 
 def pool() -> ThreadPoolExecutor:
@@ -33,8 +36,14 @@ def pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def server_loop() -> asyncio.AbstractEventLoop | None:
+    return _loop
+
+
 async def run_db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run ``fn`` on the pool; stale connections are closed before and after, as channels does."""
+    global _loop
+    _loop = asyncio.get_running_loop()
     call = database_sync_to_async(fn, thread_sensitive=False, executor=pool())
     return await call(*args, **kwargs)
 

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from tests.live import LiveDashboard, LiveViewer, create_user, demo_fleet, log_in, open_live
+from tests.live import (
+    LiveDashboard,
+    LiveViewer,
+    create_user,
+    demo_fleet,
+    log_in,
+    open_live,
+    start_dashboard,
+)
 
 pytestmark = pytest.mark.live
 
@@ -21,14 +29,27 @@ ELECTION = "search/shard-1"
 
 
 @pytest.fixture(scope="module")
-def second(production_dashboard: LiveDashboard) -> LiveDashboard:
-    return production_dashboard.another_process()
+def first(
+    tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, redis_url: str
+) -> Iterator[LiveDashboard]:
+    # A dashboard of its own: the demo fleet's Raft terms start at 1 again, and another
+    # module's fleet may already have taken these elections to higher terms.
+    dashboard = start_dashboard(tmp_path_factory.mktemp("multiprocess"), production=True)
+    yield dashboard
+    dashboard.stop()
+    for step in dashboard.cleanup:
+        step()  # type: ignore[operator]
 
 
 @pytest.fixture(scope="module")
-def fleet(production_dashboard: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
+def second(first: LiveDashboard) -> LiveDashboard:
+    return first.another_process()
+
+
+@pytest.fixture(scope="module")
+def fleet(first: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
     # The agents talk to process 1 only.
-    with demo_fleet(production_dashboard, tmp_path_factory.mktemp("mp-fleet")) as procs:
+    with demo_fleet(first, tmp_path_factory.mktemp("mp-fleet")) as procs:
         yield procs
 
 
@@ -44,13 +65,13 @@ def api(dashboard: LiveDashboard, token: str, method: str, path: str, body: Any 
 
 
 async def test_a_step_down_through_process_2_reaches_an_agent_on_process_1(
-    production_dashboard: LiveDashboard, second: LiveDashboard, fleet: dict
+    first: LiveDashboard, second: LiveDashboard, fleet: dict
 ) -> None:
-    create_user(production_dashboard, "mp-operator", "mp-password-123")
-    token = production_dashboard.manage("create_api_token", "mp-operator").strip()
+    create_user(first, "mp-operator", "mp-password-123")
+    token = first.manage("create_api_token", "mp-operator").strip()
     session = log_in(second, "mp-operator", "mp-password-123")  # one login serves both
     viewers = [
-        LiveViewer(await open_live(production_dashboard, session, "q=shard-1")),
+        LiveViewer(await open_live(first, session, "q=shard-1")),
         LiveViewer(await open_live(second, session, "q=shard-1")),
     ]
     for viewer in viewers:
@@ -80,7 +101,7 @@ async def test_a_step_down_through_process_2_reaches_an_agent_on_process_1(
     for viewer in viewers:  # both processes' browsers show the new leader in the row
         await viewer.until(f'data-testid="leader">{new}<', timeout=10)
     # Every server process serves the same state.
-    after = api(production_dashboard, token, "GET", f"/api/v1/elections/{ELECTION}")
+    after = api(first, token, "GET", f"/api/v1/elections/{ELECTION}")
     assert after["leader"] == new and after["token"] == command["new_token"]
     log = (second.workdir / f"server-{second.url.rsplit(':', 1)[1]}.log").read_text()
     assert not re.search(r"Traceback", log), log[-2000:]
