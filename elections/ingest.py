@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import BooleanField, Q
+from django.db.models import BooleanField, F, Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
@@ -182,20 +182,26 @@ class _Batch:
                     output_field=BooleanField(),
                 )
             )
-        self.terms = {
-            (t.election_id, t.token): t
-            for t in Term.objects.filter(which)
-            .select_related("leader")
-            .only("leader__connected", *_TERM_FIELDS)
-        }
+        self.terms: dict[tuple[int, int], Term] = {}
+        #: Terms per election, to end the open ones without scanning every term of the batch.
+        self.by_election: dict[int, list[Term]] = {}
+        self.connected: dict[str, bool] = {}
+        for t in (
+            Term.objects.filter(which)
+            .annotate(leader_connected=F("leader__connected"))
+            .only(*_TERM_FIELDS)
+        ):
+            self.connected[t.leader_id] = t.leader_connected
+            self._add(t)
         self.new_terms: dict[tuple[int, int], Term] = {}
         self.ended_terms: dict[int, Term] = {}
         self.dirty_memberships: dict[int, Membership] = {}
         self.dirty_elections: set[int] = set()
         self.leader_changes: list[audit.Pending] = []
-        self.connected: dict[str, bool] = {
-            t.leader_id: t.leader.connected for t in self.terms.values()
-        }
+
+    def _add(self, term: Term) -> None:
+        self.terms[(term.election_id, term.token)] = term
+        self.by_election.setdefault(term.election_id, []).append(term)
 
     def term(self, election_id: int, token: int) -> Term | None:
         return self.terms.get((election_id, token))
@@ -276,8 +282,8 @@ def _open_term(batch: _Batch, agent_id: str, election: Election, token: int, at:
                 },
             )
         )
-        for term in list(batch.terms.values()):
-            if term.election_id == election.pk and term.ended is None and term.token != token:
+        for term in batch.by_election.get(election.pk, ()):
+            if term.ended is None and term.token != token:
                 connected = batch.connected.get(term.leader_id, False)
                 _end(
                     batch,
@@ -327,7 +333,7 @@ def _open_term(batch: _Batch, agent_id: str, election: Election, token: int, at:
 
 def _successor(batch: _Batch, election_id: int, token: int) -> Term | None:
     """The first term after ``token`` (a rare path: only late events ask)."""
-    known = [t for (e, k), t in batch.terms.items() if e == election_id and k > token]
+    known = [t for t in batch.by_election.get(election_id, ()) if t.token > token]
     stored = (
         Term.objects.filter(election_id=election_id, token__gt=token)
         .order_by("token")
@@ -351,7 +357,7 @@ def _close_term(
 
 
 def _create(batch: _Batch, term: Term) -> None:
-    batch.terms[(term.election_id, term.token)] = term
+    batch._add(term)
     batch.new_terms[(term.election_id, term.token)] = term
 
 
