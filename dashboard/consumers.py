@@ -12,10 +12,10 @@ from django.http import QueryDict
 
 from dashboard.leadermap import MapView
 from dashboard.live import Viewer, hub
-from elections.db import PooledConsumer
+from elections.websocket import BaseConsumer
 
 
-class LiveConsumer(PooledConsumer):
+class LiveConsumer(BaseConsumer):
     viewer: Viewer | None = None
 
     async def connect(self) -> None:

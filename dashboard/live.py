@@ -12,7 +12,7 @@
   browser whose oldest unacked frame is older than ``MAX_LAG`` is behind: it gets no more
   updates, and once it catches up it gets one fresh snapshot instead of the backlog.
 - Changes may be lost when the channel layer is away (Redis restarting): the hub re-joins
-  its group, and every browser then gets a fresh snapshot.
+  its group (``elections.layer``), and every browser then gets a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from django.conf import settings
 
 from dashboard import leadermap
 from dashboard.leadermap import MapView, Rendered, ViewState
+from elections import layer as elections_layer
 from elections.broadcast import FLEET_GROUP
 from elections.db import run_db
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: A browser whose oldest unacked frame is older than this is behind (seconds).
 MAX_LAG = 1.0
-#: How often the hub renews its group membership (groups expire; Redis may restart).
-REJOIN_EVERY = 60.0
 
 
 def frame_limit() -> int:
@@ -145,31 +144,30 @@ class LiveHub:
     async def _listen(self) -> None:
         layer = get_channel_layer()
         channel = await layer.new_channel()
-        joined = -REJOIN_EVERY
-        failed = False
-        loop = asyncio.get_running_loop()
+        guard = elections_layer.guard()
+        guard.recovered.append(self.afresh)
+        await guard.add(channel, FLEET_GROUP)
+        delay = 0.5
         while True:
             try:
-                if failed or loop.time() - joined >= REJOIN_EVERY:
-                    await layer.group_add(FLEET_GROUP, channel)
-                    joined = loop.time()
-                message = await asyncio.wait_for(layer.receive(channel), REJOIN_EVERY)
-            except TimeoutError:
-                continue
+                message = await layer.receive(channel)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("live map: channel layer unavailable (%s); retrying", exc)
-                failed = True
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
                 continue
-            if failed:  # changes may have been missed meanwhile: everyone starts afresh
-                failed = False
-                for viewer in self.viewers:
-                    viewer.state = None
+            delay = 0.5
             if message.get("type") == "fleet.changed":
                 self.pending.update(message.get("elections", ()))
             self._wake.set()
+
+    def afresh(self) -> None:
+        """Changes may have been missed (the layer was away): everyone gets a snapshot."""
+        for viewer in self.viewers:
+            viewer.state = None
+        self._wake.set()
 
     # -- rendering ------------------------------------------------------------------------
 

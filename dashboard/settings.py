@@ -86,6 +86,9 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # A pooled connection is checked before use: after a PostgreSQL restart the pool hands
+    # out a fresh one instead of a dead one.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     # Under ASGI every request runs on a thread of its own, so persistent connections
     # (CONN_MAX_AGE) would leave one open connection per finished request until the server
     # refuses clients. psycopg's pool lends connections per use instead.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -41,19 +41,31 @@ def agent_group(agent_id: str) -> str:
     return f"agent.{agent_id}"
 
 
-def group_send(group: str, message: dict[str, Any]) -> None:
+def group_send(
+    group: str,
+    message: dict[str, Any],
+    *,
+    on_error: Callable[[Exception], None] | None = None,
+) -> None:
+    """Send to a group; a failure is logged and handed to ``on_error`` (from any thread)."""
     layer = get_channel_layer()
     if layer is None:
         return
     loop = db.server_loop()
     if loop is None or not loop.is_running():
-        async_to_sync(layer.group_send)(group, message)
+        try:
+            async_to_sync(layer.group_send)(group, message)
+        except Exception as exc:
+            _failed(exc, on_error)
         return
     future = asyncio.run_coroutine_threadsafe(layer.group_send(group, message), loop)
-    future.add_done_callback(_report)
+    future.add_done_callback(
+        lambda f: _failed(f.exception(), on_error) if not f.cancelled() and f.exception() else None
+    )
 
 
-def _report(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        # Visibility only: the map catches up on its next snapshot, a command expires.
-        log.warning("could not send on the channel layer: %s", future.exception())
+def _failed(exc: BaseException | None, on_error: Callable[[Exception], None] | None) -> None:
+    # Visibility only for the map: it catches up with a snapshot when the layer is back.
+    log.warning("could not send on the channel layer: %s", exc)
+    if on_error is not None and isinstance(exc, Exception):
+        on_error(exc)

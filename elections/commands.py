@@ -17,8 +17,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent import protocol
-from elections import audit
+from elections import audit, layer
 from elections.broadcast import agent_group, elections_changed, group_send
+from elections.db import submit
 from elections.models import Command, Election, Membership
 
 PERMISSION = "elections.force_stepdown"
@@ -172,6 +173,9 @@ def _dispatch(command: Command, election: Election) -> None:
     if not leader.connected:
         _finish(command, Command.Status.FAILED, f"the leader {leader.id} is offline")
         return
+    if not layer.healthy():
+        _finish(command, Command.Status.FAILED, _unreachable(leader.id))
+        return
     command.target = leader
     command.old_token = election.token
     command.status = Command.Status.SENT
@@ -195,12 +199,38 @@ def _dispatch(command: Command, election: Election) -> None:
             .values_list("agent_id", flat=True)
         )
     targets = [*others, leader.id]
-    transaction.on_commit(lambda: _send(targets, frame))
+    pk = command.pk
+    transaction.on_commit(lambda: _send(pk, targets, frame))
 
 
-def _send(agent_ids: list[str], frame: str) -> None:
+def _unreachable(agent_id: str) -> str:
+    return (
+        f"cannot reach {agent_id}: the channel layer (Redis) is unavailable; "
+        "try again once it is back"
+    )
+
+
+def _send(command_id: int, agent_ids: list[str], frame: str) -> None:
+    def failed(exc: Exception) -> None:
+        submit(undeliverable, command_id, _unreachable(agent_ids[-1]))
+
     for agent_id in agent_ids:
-        group_send(agent_group(agent_id), {"type": "agent.command", "frame": frame})
+        group_send(
+            agent_group(agent_id), {"type": "agent.command", "frame": frame}, on_error=failed
+        )
+
+
+@transaction.atomic
+def undeliverable(command_id: int, reason: str) -> None:
+    """The command could not be handed to the channel layer: it fails now, with the reason."""
+    command = (
+        Command.objects.select_for_update(of=("self",))
+        .select_related("election")
+        .filter(pk=command_id, status=Command.Status.SENT)
+        .first()
+    )
+    if command is not None:
+        _finish(command, Command.Status.FAILED, reason)
 
 
 def _finish(command: Command, status: str, result: str, *, by_agent: bool = False) -> None:

@@ -17,18 +17,16 @@ from django.utils import timezone
 from agent import protocol
 from elections import actions, commands, heartbeats, tokens
 from elections.broadcast import agent_group
-from elections.db import PooledConsumer, run_db
+from elections.db import run_db
 from elections.ingest import Frame
 from elections.ingest_queue import IngestFailed, ingest_queue
 from elections.liveness import liveness
+from elections.websocket import CLOSE_TRY_AGAIN, BaseConsumer
 
 log = logging.getLogger(__name__)
 
-#: Close code asking the agent to come back later (its unacked events stay in its spool).
-CLOSE_TRY_AGAIN = 1013
 
-
-class AgentConsumer(PooledConsumer):
+class AgentConsumer(BaseConsumer):
     agent_id: str | None = None
     session = ""
     greeted = False
@@ -46,7 +44,6 @@ class AgentConsumer(PooledConsumer):
     async def disconnect(self, code: int) -> None:
         if self.agent_id and self.greeted:
             liveness().forget(self.agent_id, [m.id for m in self.members.values()])
-            await self.channel_layer.group_discard(agent_group(self.agent_id), self.channel_name)
             await run_db(actions.agent_disconnected, self.agent_id, self.session)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -82,8 +79,8 @@ class AgentConsumer(PooledConsumer):
         self.session = self.session or secrets.token_hex(16)
         registered = await run_db(actions.register_agent, hello, self.session)
         self.members = registered.members
-        if not self.greeted:
-            await self.channel_layer.group_add(agent_group(hello.agent), self.channel_name)
+        if not self.greeted:  # commands for this agent (joined later if Redis is away)
+            await self.join(agent_group(hello.agent))
         self.greeted = True
         await self._send(protocol.Ack(seq=registered.last_seq))
 

@@ -10,14 +10,16 @@ awaited in order by that agent's consumer.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
-from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import close_old_connections
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,17 +50,16 @@ async def run_db(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     return await call(*args, **kwargs)
 
 
-class PooledConsumer(AsyncWebsocketConsumer):
-    """A websocket consumer whose database work all goes through ``run_db``.
+def submit(fn: Callable[..., object], *args: object) -> None:
+    """Run ``fn`` on the pool and do not wait (from any thread, e.g. a callback on the loop)."""
 
-    channels' ``dispatch`` closes stale connections before every message through the single
-    thread-sensitive thread: one hop per frame, and every frame of every socket of the
-    process queues on that thread. ``run_db`` already closes stale connections around each
-    call on its own thread, so that hop buys nothing here.
-    """
+    def call() -> None:
+        close_old_connections()
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("background database work %s failed", getattr(fn, "__name__", fn))
+        finally:
+            close_old_connections()
 
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"no handler for message type {message['type']}")
-        await handler(message)
+    pool().submit(call)

@@ -127,7 +127,6 @@ def start_dashboard(
         ELECTORATE_AGENT_STALE_AFTER="5",
         ELECTORATE_LIVE_COALESCE="0.05",
     )
-    env.update(extra_env or {})
     dashboard = LiveDashboard(url=f"http://127.0.0.1:{port}", env=env, workdir=workdir)
     if production:
         name = "electorate_live_" + secrets.token_hex(4)
@@ -149,6 +148,7 @@ def start_dashboard(
         dashboard.cleanup.append(drop)
     else:
         env["DATABASE_URL"] = f"sqlite:///{workdir / 'dashboard.sqlite3'}"
+    env.update(extra_env or {})
     dashboard.manage("migrate", "--verbosity", "0")
     dashboard.proc = dashboard.serve(port)
     if production:

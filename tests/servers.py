@@ -129,6 +129,53 @@ def start_moto() -> Managed:
     return Managed(proc, f"http://127.0.0.1:{port}", workdir)
 
 
+@dataclass
+class PrivateRedis:
+    """A Redis server of the test's own, on a free port, that a test may stop and restart."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            pytest.fail("redis-server is not installed", pytrace=False)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "redis.log", "ab"),  # noqa: SIM115 - owned by the process
+        )
+        wait_tcp("127.0.0.1", self.port, self.proc, "redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_redis() -> PrivateRedis:
+    server = PrivateRedis(free_port(), Path(tempfile.mkdtemp(prefix="electorate-redis-")))
+    server.start()
+    return server
+
+
 @pytest.fixture(scope="session")
 def pg_dsn() -> str:
     require_tcp("PostgreSQL", *_host_port(PG_DSN, 5432), "It should run on 127.0.0.1:5432.")
