@@ -7,14 +7,16 @@ Frames are JSON text objects with a ``type`` field. Nothing here imports Django.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_EVENTS_PER_FRAME = 500
 MAX_ELECTIONS_PER_AGENT = 1000
+MAX_LABELS = 20
+#: Sequence numbers, fencing tokens and command ids are stored as signed 64-bit integers.
+MAX_INT64 = 2**63 - 1
 #: Consecutive invalid frames after which the dashboard closes the socket.
 MAX_ERRORS = 10
 #: Close code for repeated protocol abuse.
@@ -35,6 +37,14 @@ AgentId = Annotated[
     str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ]
 Short = Annotated[str, Field(max_length=500)]
+Int64 = Annotated[int, Field(ge=0, le=MAX_INT64)]
+Positive64 = Annotated[int, Field(ge=1, le=MAX_INT64)]
+#: Times must say their zone: a naive time would be read in the dashboard's.
+Time = AwareDatetime
+Labels = Annotated[
+    dict[Annotated[str, Field(max_length=50)], Annotated[str, Field(max_length=100)]],
+    Field(max_length=MAX_LABELS),
+]
 
 
 class Frame(BaseModel):
@@ -44,8 +54,8 @@ class Frame(BaseModel):
 class ElectionInfo(Frame):
     name: Name
     backend: Annotated[str, Field(min_length=1, max_length=20)]
-    labels: dict[Annotated[str, Field(max_length=50)], Annotated[str, Field(max_length=100)]] = {}
-    ttl: Annotated[float, Field(gt=0, le=86400)]
+    labels: Labels = {}
+    ttl: Annotated[float, Field(gt=0, le=86400, allow_inf_nan=False)]
 
 
 class Hello(Frame):
@@ -54,19 +64,19 @@ class Hello(Frame):
     hostname: Annotated[str, Field(max_length=255)] = ""
     version: Annotated[str, Field(max_length=50)] = ""
     elections: Annotated[list[ElectionInfo], Field(max_length=MAX_ELECTIONS_PER_AGENT)] = []
-    last_seq: Annotated[int, Field(ge=0)] = 0
+    last_seq: Int64 = 0
 
 
 class Event(Frame):
     """One state transition of one agent in one election."""
 
-    seq: Annotated[int, Field(ge=1)]
+    seq: Positive64
     election: Name
     from_: State = Field(alias="from")
     to: State
-    token: Annotated[int, Field(ge=0)] | None = None
+    token: Int64 | None = None
     leader: AgentId | None = None
-    at: datetime
+    at: Time
     detail: Short = ""
     #: Set when a leader leaves the seat: why its term ended.
     reason: EndReason | None = None
@@ -82,32 +92,32 @@ class Events(Frame):
 class ElectionState(Frame):
     state: State
     leader: AgentId | None = None
-    token: Annotated[int, Field(ge=0)] | None = None
-    ttl_left: Annotated[float, Field(ge=0)] | None = None
+    token: Int64 | None = None
+    ttl_left: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
 
 
 class Heartbeat(Frame):
     type: Literal["heartbeat"] = "heartbeat"
-    at: datetime
-    states: dict[Name, ElectionState] = {}
+    at: Time
+    states: Annotated[dict[Name, ElectionState], Field(max_length=MAX_ELECTIONS_PER_AGENT)] = {}
 
 
 class Result(Frame):
     type: Literal["result"] = "result"
-    command: Annotated[int, Field(ge=1)]
+    command: Positive64
     ok: bool
     detail: Short = ""
     #: The fencing token the agent saw after acting (a new leader's), when it knows one.
-    token: Annotated[int, Field(ge=0)] | None = None
+    token: Int64 | None = None
     #: Who holds the seat now, as the agent saw it.
     leader: AgentId | None = None
     #: Seconds from this agent giving up the seat to seeing the new leader (drills).
-    gap: Annotated[float, Field(ge=0)] | None = None
+    gap: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
 
 
 class Ack(Frame):
     type: Literal["ack"] = "ack"
-    seq: Annotated[int, Field(ge=0)]
+    seq: Int64
 
 
 class Error(Frame):
@@ -118,11 +128,11 @@ class Error(Frame):
 
 class Command(Frame):
     type: Literal["command"] = "command"
-    id: Annotated[int, Field(ge=1)]
+    id: Positive64
     kind: Literal["step-down", "switchover"]
     election: Name
     successor: AgentId | None = None
-    hold_off: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    hold_off: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 5.0
 
 
 AgentFrame = Annotated[Hello | Events | Heartbeat | Result, Field(discriminator="type")]

@@ -79,6 +79,13 @@ def election_json(e: Election) -> dict[str, Any]:
         "token": e.token,
         "since": _iso(e.leader_since),
         "leaderless_since": _iso(e.leaderless_since) if e.leader_id is None else None,
+        "held_claim": {
+            "leader": e.suspect_leader,
+            "token": e.suspect_token,
+            "since": _iso(e.suspect_since),
+        }
+        if e.suspect_token is not None
+        else None,
         "members": [
             {"agent": m.agent_id, "state": m.state, "connected": m.agent.connected}
             for m in e.memberships.all()

@@ -37,6 +37,8 @@ KNOWN_ACTIONS = (
     "login-failed",
     "logout",
     "leader-changed",
+    "claim-held",
+    "events-refused",
     "step-down-requested",
     "switchover-requested",
     "step-down-refused",

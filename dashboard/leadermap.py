@@ -3,8 +3,8 @@
 A map of 5,000 elections must stay readable at a glance and cheap to keep live, so it is
 never drawn whole:
 
-- *needs attention*: the problem elections (split-brain, leaderless, unverified) first, by
-  severity, at most ``ATTENTION_LIMIT`` of them with the count of the rest;
+- *needs attention*: the problem elections (split-brain, leaderless, unverified, a held
+  leader claim) first, by severity, at most ``ATTENTION_LIMIT`` of them with the count of the rest;
 - *groups*: elections by cluster label and backend, with counts by status, each a filter;
 - *elections*: one page of ``PAGE_SIZE`` rows in name order, so a status change swaps a row
   in place and never moves the others.
@@ -40,7 +40,9 @@ STATUSES = ("led", "leaderless", "split-brain", "unverified")
 
 SPLIT, LEADERLESS = Election.Status.SPLIT_BRAIN, Election.Status.LEADERLESS
 UNVERIFIED = Q(leader__isnull=False, leader__connected=False)
-PROBLEM = Q(status__in=[SPLIT, LEADERLESS]) | UNVERIFIED
+#: A leader claim held as suspect (elections.terms) needs a look too.
+HELD = Q(suspect_token__isnull=False)
+PROBLEM = Q(status__in=[SPLIT, LEADERLESS]) | UNVERIFIED | HELD
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ def severity() -> Case:
     return Case(
         When(status=SPLIT, then=Value(0)),
         When(status=LEADERLESS, then=Value(1)),
-        default=Value(2),
+        When(UNVERIFIED, then=Value(2)),
+        default=Value(3),
         output_field=IntegerField(),
     )
 

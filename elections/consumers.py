@@ -97,13 +97,13 @@ class AgentConsumer(BaseConsumer):
         for name in {e.election for e in frame.items}:
             if name in self.members:  # its state may have moved: the next heartbeat writes it
                 self.members[name].view = None
-        if result.unknown_elections:
-            self.members = await run_db(heartbeats.members_of, self.agent_id)
-        for name in result.unknown_elections:
+        if result.refused:
             await self._send(
                 protocol.Error(
-                    code="unknown-election",
-                    message=f"election {name!r} was not in your hello; its events were kept",
+                    code="not-a-member",
+                    message="events refused: this agent is not a member of "
+                    + ", ".join(repr(n) for n in result.refused[:10])
+                    + " (announce an election in the hello before reporting it)",
                 )
             )
         await self._send(protocol.Ack(seq=result.acked))

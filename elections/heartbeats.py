@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent import protocol
-from elections import statuses
+from elections import statuses, terms
 from elections.broadcast import elections_changed
 from elections.models import Agent, Membership
 from elections.sql import update_from_values
@@ -102,9 +102,12 @@ def write_views(agent_id: str, changed: list[Row], renewed: list[Row] = ()) -> l
     update_from_values(
         Membership, ["id"], ["lease_expires"], [(r.member_id, r.lease_expires) for r in renewed]
     )
-    touched = {r.election_id for r in changed} | {r.election_id for r in renewed if r.claims}
+    # A member that now sees a held claim's leader and token confirms it.
+    views = {r.election_id for r in changed}
+    confirmed = terms.confirm(views, timezone.now()) if views else []
+    touched = views | {r.election_id for r in renewed if r.claims}
     flipped = statuses.refresh(touched) if touched else []
-    elections_changed({r.election_id for r in changed} | set(flipped))
+    elections_changed(views | set(flipped) | set(confirmed))
     return flipped
 
 

@@ -63,6 +63,11 @@ class Election(models.Model):
     token = models.BigIntegerField(null=True, blank=True)
     leader_since = models.DateTimeField(null=True, blank=True)
     leaderless_since = models.DateTimeField(null=True, blank=True)
+    #: A leader claim held as suspect (its token jumps far beyond what the other members
+    #: report; see elections.terms): shown, audited, believed once another member sees it.
+    suspect_leader = models.CharField(max_length=100, blank=True)
+    suspect_token = models.BigIntegerField(null=True, blank=True)
+    suspect_since = models.DateTimeField(null=True, blank=True)
     #: Maintenance: a paused election refuses commands; its agents keep electing normally.
     paused = models.BooleanField(default=False)
     paused_reason = models.CharField(max_length=500, blank=True)

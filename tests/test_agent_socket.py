@@ -93,7 +93,7 @@ async def test_bad_frames_get_a_named_error_and_abuse_closes(dashboard: LiveDash
     assert info.value.rcvd.code == protocol.CLOSE_ABUSE
 
 
-async def test_events_for_an_undeclared_election_are_kept_with_an_error(
+async def test_events_for_an_election_the_agent_is_not_a_member_of_are_refused(
     dashboard: LiveDashboard,
 ) -> None:
     agent_id = f"a-{uuid.uuid4().hex[:8]}"
@@ -102,7 +102,17 @@ async def test_events_for_an_undeclared_election_are_kept_with_an_error(
     name = f"undeclared/{uuid.uuid4().hex[:6]}"
     await ws.send(json.dumps({"type": "events", "items": [event(1, name, leader=agent_id)]}))
     reply = await frame(ws)
-    assert reply["type"] == "error" and reply["code"] == "unknown-election"
+    assert reply["type"] == "error" and reply["code"] == "not-a-member"
     assert name in reply["message"]
+    # Answered (it must not come back from the spool forever), but neither stored nor applied.
     assert await frame(ws) == {"type": "ack", "seq": 1}
     await ws.close()
+    out = dashboard.manage(
+        "shell",
+        "-c",
+        "from elections.models import Election, Transition, AuditEntry; "
+        f"print(Election.objects.filter(name={name!r}).exists(), "
+        f"Transition.objects.filter(agent_id={agent_id!r}).count(), "
+        f"AuditEntry.objects.filter(actor={agent_id!r}, action='events-refused').count())",
+    )
+    assert out.strip().splitlines()[-1] == "False 0 1"

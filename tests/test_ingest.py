@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent import protocol
-from elections import actions
-from elections.models import Agent, Election, Membership, Term, Transition
+from elections import actions, terms
+from elections.models import Agent, AuditEntry, Election, Membership, Term, Transition
 
 pytestmark = pytest.mark.django_db
 
@@ -169,3 +169,48 @@ def test_tokens_are_hashed_and_belong_to_one_agent() -> None:
     assert token not in str(list(Agent.objects.get(id="a").tokens.values()))
     actions.revoke_agent_tokens("a")
     assert actions.authenticate_agent(token) is None
+
+
+def test_an_agent_cannot_report_an_election_it_is_not_a_member_of() -> None:
+    actions.register_agent(hello("b", "e/1"))
+    actions.ingest_events("b", [ev(1, "leader", 6)])
+    actions.register_agent(hello("a"))  # a hello naming no election
+    result = actions.ingest_events("a", [ev(1, "leader", 2**63 - 1, leader="a")])
+    assert (result.acked, result.stored, result.refused) == (1, 0, ["e/1"])
+    election = Election.objects.get()
+    assert (election.leader_id, election.token) == ("b", 6)
+    assert Term.objects.get().end_reason == ""
+    assert not Transition.objects.filter(agent_id="a").exists()
+    assert not Membership.objects.filter(agent_id="a").exists()
+
+
+def test_a_member_s_absurd_token_is_held_until_another_member_sees_it() -> None:
+    for agent in ("a", "b", "c"):
+        actions.register_agent(hello(agent, "e/1"))
+    actions.ingest_events("b", [ev(1, "leader", 6)])
+    for follower in ("a", "c"):
+        state = protocol.ElectionState(state="follower", leader="b", token=6)
+        actions.record_heartbeat(follower, protocol.Heartbeat(at=T0, states={"e/1": state}))
+    poison = 2**63 - 1
+    actions.ingest_events("a", [ev(1, "leader", poison, at=1)])
+    election = Election.objects.get()
+    assert (election.leader_id, election.token) == ("b", 6)  # not believed
+    assert (election.suspect_leader, election.suspect_token) == ("a", poison)
+    assert AuditEntry.objects.filter(action="claim-held", actor="a").count() == 1
+    # b's next real term is still news: tokens of the real leaders keep growing.
+    actions.ingest_events("b", [ev(2, "leader", 9, at=2)])
+    assert Election.objects.get().token == 9
+
+
+def test_a_large_but_real_jump_is_believed_once_another_member_sees_it() -> None:
+    for agent in ("a", "b"):
+        actions.register_agent(hello(agent, "e/1"))
+    actions.ingest_events("b", [ev(1, "leader", 6)])
+    jump = 6 + terms.SUSPECT_JUMP + 1  # an etcd revision after a busy term, say
+    actions.ingest_events("a", [ev(1, "leader", jump, at=1)])
+    assert Election.objects.get().leader_id == "b"
+    state = protocol.ElectionState(state="follower", leader="a", token=jump)
+    actions.record_heartbeat("b", protocol.Heartbeat(at=T0, states={"e/1": state}))
+    election = Election.objects.get()
+    assert (election.leader_id, election.token, election.suspect_token) == ("a", jump, None)
+    assert Term.objects.get(token=6).end_reason == "superseded"
