@@ -33,7 +33,7 @@ lint: install-test
 	$(BIN)/ruff format --check .
 
 test: install-test system-deps lint
-	DATABASE_URL=$(TEST_DATABASE_URL) SECRET_KEY=test-only $(BIN)/python -m pytest $(PYTEST_ARGS)
+	DATABASE_URL=$(TEST_DATABASE_URL) SECRET_KEY=test-only ELECTORATE_HTTPS=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test system-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

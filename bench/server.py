@@ -120,6 +120,7 @@ def start(
         ELECTORATE_DATA_DIR=str(workdir),
         ELECTORATE_TICKER="1",  # no Celery beat in the bench: the sweep runs in-process
         LOG_LEVEL="WARNING",
+        ELECTORATE_HTTPS="0",
         **(extra_env or {}),
     )
     port = free_port()

@@ -9,6 +9,7 @@ refused with the reason (412: no healthy candidate), 403 without the permission.
 from __future__ import annotations
 
 import json
+import math
 
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_POST
@@ -36,7 +37,9 @@ def stepdown(request: HttpRequest, name: str) -> JsonResponse:
             hold_off=float(body.get("hold_off", 5.0)),
             at=commands.parse_when(str(body.get("at") or "")),
         )
-        wait = min(float(body.get("wait", 30.0)), MAX_WAIT)
+        wait = float(body.get("wait", 30.0))
+        if not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT):
+            raise ValueError(f"wait must be between 0 and {MAX_WAIT:.0f} seconds")
     except (ValueError, TypeError) as exc:
         return JsonResponse({"error": f"bad request: {exc}"}, status=400)
     try:

@@ -35,6 +35,7 @@ API_MAX_LIMIT = 1000
 KNOWN_ACTIONS = (
     "login",
     "login-failed",
+    "login-throttled",
     "logout",
     "leader-changed",
     "claim-held",
@@ -285,6 +286,26 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
+#: A cell a spreadsheet would run as a formula (OWASP's list): it gets a leading quote.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell; text a spreadsheet would take for a formula is defused.
+
+    Election names, details and reasons come from agents and operators: ``=HYPERLINK(...)``
+    in a reason must reach an analyst's spreadsheet as text. NDJSON keeps values as they are.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        value = json.dumps(value)
+    value = _plain(value)
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
 def csv_chunks(export: Export, flt: Filter) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -292,12 +313,7 @@ def csv_chunks(export: Export, flt: Filter) -> Iterator[str]:
     rows = export.values(flt)
     while True:
         for row in islice(rows, CHUNK_ROWS):
-            writer.writerow(
-                [
-                    "" if v is None else json.dumps(v) if isinstance(v, dict | list) else _plain(v)
-                    for v in row
-                ]
-            )
+            writer.writerow([csv_cell(v) for v in row])
         chunk = buffer.getvalue()
         if not chunk:
             return

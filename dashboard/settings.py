@@ -1,7 +1,9 @@
-"""Settings from the environment, with safe defaults for the embedded mode (ARCHITECTURE §2).
+"""Settings from the environment, with safe defaults for the embedded mode.
 
-DATABASE_URL unset: a SQLite file under var/. REDIS_URL unset: in-memory channel layer and
-Celery tasks run in-process.
+Two modes share every code path: embedded (the demo: DATABASE_URL unset, a SQLite file under
+var/; REDIS_URL unset, an in-memory channel layer and Celery tasks run in-process) and
+production (PostgreSQL, Redis, a Celery worker and beat). README's "Modes" lists every
+variable.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -18,8 +21,19 @@ def env(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def env_bool(name: str, default: bool = False) -> bool:
-    return env(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
+    """A yes/no variable; a value it does not know is an error, not False (DEBUG=treu)."""
+    value = env(name, "1" if default else "0").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"{name}={os.environ[name]!r}: expected one of {', '.join(_TRUE + _FALSE[:-1])}"
+    )
 
 
 def env_list(name: str, default: str = "") -> list[str]:
@@ -27,8 +41,9 @@ def env_list(name: str, default: str = "") -> list[str]:
 
 
 DEBUG = env_bool("DEBUG")
+PRODUCTION = bool(env("DATABASE_URL"))
 SECRET_KEY = env("SECRET_KEY", "embedded-mode-only-not-secret")
-if not DEBUG and SECRET_KEY == "embedded-mode-only-not-secret" and env("DATABASE_URL"):
+if not DEBUG and SECRET_KEY == "embedded-mode-only-not-secret" and PRODUCTION:
     raise RuntimeError("Set SECRET_KEY in production (DATABASE_URL is set).")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
@@ -50,6 +65,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -185,6 +201,45 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads it for hx-post
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = "same-origin"
+
+# HTTPS: on by default in production (manage.py check --deploy passes), off in the demo.
+# ELECTORATE_HTTPS=0 serves a production database over plain HTTP (a lab, a test);
+# behind a TLS-terminating proxy, name the header it sets (e.g. HTTP_X_FORWARDED_PROTO).
+ELECTORATE_HTTPS = env_bool("ELECTORATE_HTTPS", default=PRODUCTION and not DEBUG)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = ELECTORATE_HTTPS
+SECURE_SSL_REDIRECT = ELECTORATE_HTTPS
+SECURE_HSTS_SECONDS = int(env("ELECTORATE_HSTS_SECONDS", "31536000")) if ELECTORATE_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("ELECTORATE_HSTS_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env_bool("ELECTORATE_HSTS_PRELOAD")
+# Preloading is a commitment a deployment opts into (ELECTORATE_HSTS_PRELOAD=1), not a default.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD or not ELECTORATE_HTTPS else ["security.W021"]
+if env("ELECTORATE_PROXY_SSL_HEADER"):
+    SECURE_PROXY_SSL_HEADER = (env("ELECTORATE_PROXY_SSL_HEADER"), "https")
+
+# Every script and style is a file of ours: no inline code, no eval (htmx's hx-on is off),
+# nothing from elsewhere. The live map's websocket is same-origin ('self' covers ws:/wss:).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "frame-ancestors": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "object-src": [NONE],
+    }
+}
+
+# Failed sign-ins are throttled per user and per address (dashboard.throttle); the counts
+# live in the cache, shared by every process in production.
+CACHES = (
+    {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    if REDIS_URL
+    else {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+)
 
 LOGGING = {
     "version": 1,

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import api, api_control, auditviews, control, metrics, views
+from dashboard import api, api_control, auditviews, control, login, metrics, views
 
 urlpatterns = [
     path("", views.leader_map, name="map"),
@@ -10,7 +10,7 @@ urlpatterns = [
     path("elections/<path:name>/pause", control.pause, name="pause"),
     path("elections/<path:name>/", views.election_detail, name="election"),
     path("commands/<int:pk>/cancel", control.cancel, name="cancel-command"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", login.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/v1/elections", api.elections, name="api-elections"),
     path("api/v1/elections/<path:name>/terms", api.terms, name="api-terms"),

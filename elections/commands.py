@@ -7,6 +7,7 @@ newer fencing token is seen; one that gets no answer in time ends ``expired``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,8 @@ from elections.db import submit
 from elections.models import Command, Election, Membership
 
 PERMISSION = "elections.force_stepdown"
+#: The longest an agent is asked to stay out of the race (the protocol's own bound).
+MAX_HOLD_OFF = 3600.0
 #: Seconds an agent has to answer, on top of the hold-off and the election's TTL.
 ANSWER_GRACE = 10.0
 
@@ -96,6 +99,8 @@ def _request(
 ) -> Command:
     if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
         raise Refused(403, "you need the force_stepdown permission (the operators group)")
+    if not (math.isfinite(request.hold_off) and 0 <= request.hold_off <= MAX_HOLD_OFF):
+        raise Refused(400, f"hold_off must be between 0 and {MAX_HOLD_OFF:.0f} seconds")
     election = (
         Election.objects.select_for_update(of=("self",))
         .select_related("leader")

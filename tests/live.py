@@ -126,6 +126,7 @@ def start_dashboard(
         SECRET_KEY="test-" + secrets.token_hex(8),
         ELECTORATE_AGENT_STALE_AFTER="5",
         ELECTORATE_LIVE_COALESCE="0.05",
+        ELECTORATE_HTTPS="0",  # plain HTTP on loopback: no secure cookies, no redirect
     )
     dashboard = LiveDashboard(url=f"http://127.0.0.1:{port}", env=env, workdir=workdir)
     if production:

@@ -144,3 +144,29 @@ def test_exports_accept_a_bearer_token_too(client: Client, ann: Any) -> None:
     assert b"api-token-issued" in response.getvalue()
     assert client.get("/audit/export.ndjson").status_code == 302  # a browser: to the login
     assert client.get("/audit/export.ndjson", **bearer("elu_nope")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"reason": "x", "hold_off": -1}',
+        '{"reason": "x", "hold_off": NaN}',
+        '{"reason": "x", "hold_off": 1e9}',
+        '{"reason": "x", "hold_off": "soon"}',
+        '{"reason": "x", "wait": Infinity}',
+    ],
+)
+def test_the_step_down_api_answers_400_to_values_out_of_range(
+    client: Client, ann: Any, body: str
+) -> None:
+    from django.contrib.auth.models import Group
+
+    ann.groups.add(Group.objects.get(name="operators"))
+    response = client.post(
+        "/api/v1/elections/no/such/step-down",
+        body,
+        content_type="application/json",
+        **bearer(create_token("ann")),
+    )
+    assert response.status_code == 400, response.content
+    assert "error" in response.json()

@@ -63,6 +63,8 @@ def test_step_down_from_the_map_with_confirmation(
     browser: Browser, embedded_dashboard: LiveDashboard, fleet: dict
 ) -> None:
     page = browser.new_page()
+    blocked: list[str] = []  # what the Content-Security-Policy refused: nothing may be
+    page.on("console", lambda m: blocked.append(m.text) if "Content Security" in m.text else None)
     log_in(page, embedded_dashboard)
     row = page.locator(
         "#election-rows tr", has=page.get_by_role("link", name="search/shard-1", exact=True)
@@ -86,6 +88,9 @@ def test_step_down_from_the_map_with_confirmation(
     expect(leader_cell).to_have_text(one_of(others), timeout=5_000)
     assert int(row.get_by_test_id("token").inner_text()) > old_token
     assert page.evaluate("window.__notReloaded") is True
+    dialog.get_by_role("button", name="Close").click()
+    expect(dialog).to_be_hidden()
+    assert blocked == []
 
 
 def test_a_killed_leader_is_replaced_live_on_the_map(

@@ -200,3 +200,13 @@ def test_a_scheduled_switchover_runs_when_due_and_can_be_cancelled(
     assert commands.run_due() == [soon.pk]
     soon.refresh_from_db()
     assert soon.status == "sent"
+
+
+@pytest.mark.parametrize("hold_off", [-1, float("nan"), float("inf"), 1e9])
+def test_a_hold_off_out_of_range_is_refused(operator: User, cluster: None, hold_off) -> None:
+    with pytest.raises(commands.Refused) as info:
+        ask(operator, hold_off=hold_off)
+    assert info.value.status == 400 and "hold_off" in info.value.message
+    with pytest.raises(commands.Refused):  # scheduled ones too: checked before anything runs
+        ask(operator, hold_off=hold_off, successor="b", at=timezone.now() + timedelta(hours=1))
+    assert not Command.objects.exists()

@@ -291,3 +291,13 @@ def test_under_asgi_the_export_streams_too(django_user_model: Any) -> None:
     assert is_async
     assert len(chunks) == 3  # the header with 500 rows, then 500, then 500
     assert b"".join(chunks).count(b"\n") == 1 + 3 * exports.CHUNK_ROWS
+
+
+def test_csv_cells_that_would_run_as_formulas_are_defused(sre: Client) -> None:
+    audit.record("user", "=cmd|' /C calc'!A0", "paused", "billing/cluster", {"reason": "@SUM(1)"})
+    text = b"".join(sre.get("/audit/export.csv").streaming_content).decode()
+    row = list(csv.reader(io.StringIO(text)))[-1]
+    assert row[3] == "'=cmd|' /C calc'!A0"
+    assert not any(cell.startswith(("=", "+", "-", "@")) for cell in row)
+    ndjson = b"".join(sre.get("/audit/export.ndjson").streaming_content).decode()
+    assert json.loads(ndjson.splitlines()[-1])["actor"] == "=cmd|' /C calc'!A0"  # as stored

@@ -38,6 +38,24 @@
     }
   });
 
+  // Dialogs without inline handlers (the Content-Security-Policy forbids them): a control
+  // with data-opens-dialog shows #dialog once its request has loaded the dialog's body; one
+  // with data-close-dialog closes its dialog.
+  document.addEventListener("htmx:afterRequest", function (ev) {
+    const elt = ev.detail && ev.detail.elt;
+    if (elt && elt.hasAttribute("data-opens-dialog") && ev.detail.successful) {
+      const dialog = document.getElementById("dialog");
+      if (dialog && !dialog.open) dialog.showModal();
+    }
+  });
+  document.addEventListener("click", function (ev) {
+    const closer = ev.target.closest && ev.target.closest("[data-close-dialog]");
+    if (closer) {
+      const dialog = closer.closest("dialog");
+      if (dialog) dialog.close();
+    }
+  });
+
   function setLive(text) {
     const el = document.getElementById("live-state");
     if (el) el.textContent = text;
