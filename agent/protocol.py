@@ -21,8 +21,11 @@ MAX_INT64 = 2**63 - 1
 MAX_ERRORS = 10
 #: Close code for repeated protocol abuse.
 CLOSE_ABUSE = 4400
-#: Close code when the hello names another agent than the token's.
+#: Close code when the hello names another agent than the token's, or its token was revoked.
 CLOSE_WRONG_AGENT = 4403
+#: Close code for an agent sending frames faster than the dashboard allows (it reconnects and
+#: resends from its spool: nothing is lost).
+CLOSE_RATE_LIMITED = 4429
 
 STATES = ("follower", "candidate", "leader", "observer", "no-vote")
 #: Why a term ended (ARCHITECTURE section 3).

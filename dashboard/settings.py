@@ -172,6 +172,9 @@ ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 
 #: An agent that has not sent anything for this long is marked offline by the sweep.
 ELECTORATE_AGENT_STALE_AFTER = float(env("ELECTORATE_AGENT_STALE_AFTER", "15"))
+#: Frames an agent may send a second on average, and in a burst, before it is disconnected.
+ELECTORATE_AGENT_FRAME_RATE = float(env("ELECTORATE_AGENT_FRAME_RATE", "50"))
+ELECTORATE_AGENT_FRAME_BURST = float(env("ELECTORATE_AGENT_FRAME_BURST", "500"))
 #: Coalescing window of the live map: a burst of changes becomes one update.
 ELECTORATE_LIVE_COALESCE = float(env("ELECTORATE_LIVE_COALESCE", "0.1"))
 #: The live map never sends a websocket frame larger than this (the server refuses 1 MiB).

@@ -101,12 +101,27 @@ class Session:
     members: dict[str, heartbeats.Member]
 
 
+class TooManyElections(Exception):
+    """A hello would make the agent a member of more elections than one agent may have."""
+
+
 @transaction.atomic
 def register_agent(hello: protocol.Hello, session: str = "") -> Session:
     """An agent connected and said hello: record it and its elections (a fixed number of
-    statements, whatever their number); return its stored seq and memberships."""
+    statements, whatever their number); return its stored seq and memberships.
+
+    The limit of elections holds per agent, not per hello: repeated hellos naming new
+    elections each time cannot grow an agent's memberships (or the elections table) past it.
+    """
     now = timezone.now()
     agent, _ = Agent.objects.select_for_update().get_or_create(id=hello.agent)
+    joined = set(Membership.objects.filter(agent=agent).values_list("election__name", flat=True))
+    total = len(joined | {info.name for info in hello.elections})
+    if total > protocol.MAX_ELECTIONS_PER_AGENT:
+        raise TooManyElections(
+            f"this hello would make {hello.agent} a member of {total} elections; one agent may "
+            f"be in at most {protocol.MAX_ELECTIONS_PER_AGENT}"
+        )
     agent.hostname, agent.version, agent.session = hello.hostname, hello.version, session
     agent.connected, agent.connected_at, agent.last_seen = True, now, now
     agent.save()

@@ -12,6 +12,8 @@ import logging
 import secrets
 from typing import Any
 
+from channels.exceptions import StopConsumer
+from django.conf import settings
 from django.utils import timezone
 
 from agent import protocol
@@ -21,6 +23,8 @@ from elections.db import run_db
 from elections.ingest import Frame
 from elections.ingest_queue import IngestFailed, ingest_queue
 from elections.liveness import liveness
+from elections.ratelimit import TokenBucket
+from elections.revocations import revocations
 from elections.websocket import CLOSE_TRY_AGAIN, BaseConsumer
 
 log = logging.getLogger(__name__)
@@ -34,19 +38,39 @@ class AgentConsumer(BaseConsumer):
 
     async def connect(self) -> None:
         self.members: dict[str, heartbeats.Member] = {}
+        self.frames = TokenBucket(
+            settings.ELECTORATE_AGENT_FRAME_RATE, settings.ELECTORATE_AGENT_FRAME_BURST
+        )
         token = tokens.bearer(self.scope.get("headers", []))
         self.agent_id = await run_db(actions.authenticate_agent, token)
         if self.agent_id is None:
             await self.close(code=4401)  # before accept: the handshake is refused (HTTP 403)
             return
+        assert token is not None
+        self.token_digest = tokens.digest(token)
+        revocations().watch(self.token_digest, self)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
+        if self.agent_id:
+            revocations().forget(self.token_digest, self)
         if self.agent_id and self.greeted:
             liveness().forget(self.agent_id, [m.id for m in self.members.values()])
             await run_db(actions.agent_disconnected, self.agent_id, self.session)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not self.frames.take():
+            # A flood must not slow the other agents: this one reconnects with back-off and
+            # resends from its spool what was not acked.
+            await self._send(
+                protocol.Error(
+                    code="rate-limited",
+                    message=f"more than {settings.ELECTORATE_AGENT_FRAME_RATE:.0f} frames a "
+                    "second; closing (resend after reconnecting)",
+                )
+            )
+            await self.close(code=protocol.CLOSE_RATE_LIMITED)
+            raise StopConsumer
         if text_data is None:
             await self._reject(protocol.ProtocolError("bad-frame", "frames must be JSON text"))
             return
@@ -77,7 +101,11 @@ class AgentConsumer(BaseConsumer):
             await self.close(code=protocol.CLOSE_WRONG_AGENT)
             return
         self.session = self.session or secrets.token_hex(16)
-        registered = await run_db(actions.register_agent, hello, self.session)
+        try:
+            registered = await run_db(actions.register_agent, hello, self.session)
+        except actions.TooManyElections as exc:
+            await self._reject(protocol.ProtocolError("too-many-elections", str(exc)))
+            return
         self.members = registered.members
         if not self.greeted:  # commands for this agent (joined later if Redis is away)
             await self.join(agent_group(hello.agent))
@@ -130,6 +158,11 @@ class AgentConsumer(BaseConsumer):
 
     async def _send(self, frame: protocol.Frame) -> None:
         await self.send(text_data=protocol.dump(frame))
+
+    async def revoked(self) -> None:
+        """Its token was revoked: it is disconnected at once (and refused from now on)."""
+        await self._send(protocol.Error(code="token-revoked", message="this token was revoked"))
+        await self.close(code=protocol.CLOSE_WRONG_AGENT)
 
     async def agent_command(self, message: dict[str, Any]) -> None:
         """A command for this agent, from the command service via the channel layer."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 import uuid
 
 import pytest
@@ -116,3 +119,116 @@ async def test_events_for_an_election_the_agent_is_not_a_member_of_are_refused(
         f"AuditEntry.objects.filter(actor={agent_id!r}, action='events-refused').count())",
     )
     assert out.strip().splitlines()[-1] == "False 0 1"
+
+
+async def test_a_revoked_agent_is_disconnected_at_once_and_refused(
+    dashboard: LiveDashboard,
+) -> None:
+    agent_id = f"a-{uuid.uuid4().hex[:8]}"
+    token = dashboard.token(agent_id)
+    ws = await open_agent(dashboard, agent_id, [f"rev/{agent_id}"], token=token)
+    assert (await frame(ws))["type"] == "ack"
+    assert "revoked 1 token(s)" in dashboard.manage("revoke_agent_token", agent_id)
+    reply = await frame(ws, timeout=5)
+    assert (reply["type"], reply["code"]) == ("error", "token-revoked")
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.recv()
+    assert info.value.rcvd.code == protocol.CLOSE_WRONG_AGENT
+    with pytest.raises(InvalidStatus):
+        await open_agent(dashboard, agent_id, [], token=token)
+
+
+async def test_out_of_range_values_get_an_error_not_a_crash(dashboard: LiveDashboard) -> None:
+    agent_id = f"a-{uuid.uuid4().hex[:8]}"
+    ws = await open_agent(dashboard, agent_id, [f"range/{agent_id}"])
+    await frame(ws)
+    bad = [
+        {"type": "events", "items": [event(2**70, f"range/{agent_id}")]},
+        {"type": "events", "items": [event(1, f"range/{agent_id}", token=2**63)]},
+        {
+            "type": "events",
+            "items": [{**event(1, f"range/{agent_id}"), "at": "2026-11-01T12:00:00"}],
+        },
+        {
+            "type": "heartbeat",
+            "at": "2026-11-01T12:00:00Z",
+            "states": {f"range/{agent_id}": {"state": "leader", "ttl_left": "Infinity"}},
+        },
+    ]
+    for item in bad:
+        await ws.send(json.dumps(item).replace('"Infinity"', "Infinity"))
+        reply = await frame(ws)
+        assert (reply["type"], reply["code"]) == ("error", "invalid"), reply
+    # The socket still works.
+    await ws.send(json.dumps({"type": "events", "items": [event(1, f"range/{agent_id}")]}))
+    assert await frame(ws) == {"type": "ack", "seq": 1}
+    await ws.close()
+
+
+async def test_the_election_limit_holds_per_agent_not_per_hello(dashboard: LiveDashboard) -> None:
+    agent_id = f"a-{uuid.uuid4().hex[:8]}"
+    token = dashboard.token(agent_id)
+    half = protocol.MAX_ELECTIONS_PER_AGENT // 2 + 1
+    first = [f"lim/{agent_id}/{i}" for i in range(half)]
+    ws = await open_agent(dashboard, agent_id, first, token=token)
+    assert (await frame(ws))["type"] == "ack"
+    second = [f"lim/{agent_id}/x{i}" for i in range(half)]
+    await ws.send(
+        json.dumps(
+            {
+                "type": "hello",
+                "agent": agent_id,
+                "elections": [{"name": n, "backend": "raft", "ttl": 1} for n in second],
+            }
+        )
+    )
+    reply = await frame(ws)
+    assert (reply["type"], reply["code"]) == ("error", "too-many-elections")
+    await ws.close()
+    count = dashboard.manage(
+        "shell",
+        "-c",
+        f"from elections.models import Membership; "
+        f"print(Membership.objects.filter(agent_id={agent_id!r}).count())",
+    )
+    assert count.strip().splitlines()[-1] == str(half)
+
+
+async def test_a_flooding_agent_is_closed_without_slowing_the_others(
+    dashboard: LiveDashboard,
+) -> None:
+    flooder_id, other_id = (f"{x}-{uuid.uuid4().hex[:6]}" for x in ("flood", "calm"))
+    flooder = await open_agent(dashboard, flooder_id, [])
+    other = await open_agent(dashboard, other_id, [f"calm/{other_id}"])
+    await frame(flooder)
+    await frame(other)
+    beat = json.dumps({"type": "heartbeat", "at": "2026-11-01T12:00:00Z", "states": {}})
+
+    async def flood() -> int:
+        sent = 0
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(10_000):
+                await flooder.send(beat)
+                sent += 1
+        return sent
+
+    async def calm() -> list[float]:
+        latencies = []
+        for seq in range(1, 21):
+            started = time.monotonic()
+            item = event(seq, f"calm/{other_id}", to="follower", token=None)
+            await other.send(json.dumps({"type": "events", "items": [item]}))
+            assert await frame(other) == {"type": "ack", "seq": seq}
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        return latencies
+
+    _, latencies = await asyncio.gather(flood(), calm())
+    codes = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            codes.append(json.loads(await asyncio.wait_for(flooder.recv(), 5)).get("code"))
+    assert "rate-limited" in codes
+    assert flooder.close_code == protocol.CLOSE_RATE_LIMITED
+    assert max(latencies) < 1.0, f"the calm agent's acks took up to {max(latencies):.2f}s"
+    await other.close()
