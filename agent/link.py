@@ -14,7 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from agent import protocol
-from agent.spool import Spool
+from agent.spool import AsyncSpool
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class DashboardLink:
         self,
         url: str,
         token: str,
-        spool: Spool,
+        spool: AsyncSpool,
         *,
         hello: Callable[[], protocol.Hello],
         heartbeat: Callable[[], protocol.Heartbeat],
@@ -89,7 +89,7 @@ class DashboardLink:
             await asyncio.sleep(5)
             return
         if isinstance(first, protocol.Ack):
-            self._acked(first.seq)
+            await self._acked(first.seq)
         self.connected = True
         self.last_error = None
         log.info("connected to %s", self.url)
@@ -102,8 +102,8 @@ class DashboardLink:
             with contextlib.suppress(asyncio.CancelledError, websockets.WebSocketException):
                 await sender
 
-    def _acked(self, seq: int) -> None:
-        self.spool.ack(seq)
+    async def _acked(self, seq: int) -> None:
+        await self.spool.ack(seq)
         self.acked = seq
         if not self.spool.count():
             self._drained.set()
@@ -127,7 +127,7 @@ class DashboardLink:
             log.warning("ignoring a bad frame from the dashboard: %s", exc)
             return
         if isinstance(frame, protocol.Ack):
-            self._acked(frame.seq)
+            await self._acked(frame.seq)
         elif isinstance(frame, protocol.Error):
             log.warning("dashboard error %s: %s", frame.code, frame.message)
         elif isinstance(frame, protocol.Command):
@@ -145,7 +145,7 @@ class DashboardLink:
         next_beat = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            batch = self.spool.pending(
+            batch = await self.spool.pending(
                 after=max(sent, self.acked), limit=protocol.MAX_EVENTS_PER_FRAME
             )
             if batch:

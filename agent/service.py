@@ -16,7 +16,7 @@ from agent.health import HealthServer
 from agent.link import DashboardLink
 from agent.metrics import RunnerCollector, make_registry
 from agent.runner import ElectionRunner, Transition
-from agent.spool import Spool
+from agent.spool import AsyncSpool
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.spool = Spool(config.spool)
+        self.spool = AsyncSpool(config.spool)
         self.runners: dict[str, ElectionRunner] = {
             e.name: ElectionRunner(
                 e, config.id, hold_off=config.hold_off, on_transition=self._record
@@ -54,20 +54,25 @@ class Agent:
         self._link_task: asyncio.Task[None] | None = None
 
     async def _record(self, transition: Transition) -> None:
-        self.spool.append(
-            {
-                "election": transition.election,
-                "from": transition.from_,
-                "to": transition.to,
-                "token": transition.token,
-                "leader": transition.leader,
-                "at": transition.at.isoformat(),
-                "detail": transition.detail[:500],
-                **({"reason": transition.reason} if transition.reason else {}),
-            }
-        )
-        if self.link:
-            self.link.notify()
+        """Spool a transition. The runner awaits this, so the event is on disk when it returns;
+        the loop stays free meanwhile (the write runs on the spool's own thread)."""
+        event = {
+            "election": transition.election,
+            "from": transition.from_,
+            "to": transition.to,
+            "token": transition.token,
+            "leader": transition.leader,
+            "at": transition.at.isoformat(),
+            "detail": transition.detail[:500],
+            **({"reason": transition.reason} if transition.reason else {}),
+        }
+        try:
+            await self.spool.append(event)
+        finally:
+            # Also when the runner gave up waiting (a callback timeout): the link's next read
+            # queues behind this write on the spool thread, so it finds the event.
+            if self.link:
+                self.link.notify()
 
     def is_leader(self, election: str) -> bool | None:
         runner = self.runners.get(election)
@@ -149,6 +154,7 @@ class Agent:
         )
 
     async def start(self) -> None:
+        await self.spool.open()
         if self.health:
             await self.health.start()
             log.info("health endpoints on http://%s:%s/health", self.health.host, self.health.port)
@@ -160,6 +166,7 @@ class Agent:
     async def stop(self) -> None:
         """Resign every election, then give the link a moment to flush the last events."""
         await asyncio.gather(*(r.stop() for r in self.runners.values()))
+        await self.spool.flush()  # a transition whose callback timed out is still being written
         if self.link and self.link.connected:
             await self.link.drained(timeout=2)
         if self._link_task:
@@ -168,4 +175,4 @@ class Agent:
                 await self._link_task
         if self.health:
             await self.health.stop()
-        self.spool.close()
+        await self.spool.close()
