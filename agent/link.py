@@ -18,6 +18,10 @@ from agent.spool import AsyncSpool
 
 log = logging.getLogger(__name__)
 
+#: Back-off between connection attempts (seconds), doubled after each failure.
+FIRST_RETRY = 0.2
+MAX_RETRY = 10.0
+
 
 class DashboardLink:
     def __init__(
@@ -50,8 +54,11 @@ class DashboardLink:
         self._wake.set()
 
     async def run(self) -> None:
-        delay = 0.2
+        """Keep a session with the dashboard until cancelled: whatever ends one (the network,
+        a refusal, a bad frame, a bug), log it and reconnect with back-off."""
+        delay = FIRST_RETRY
         while True:
+            unexpected = False
             try:
                 async with connect(
                     self.url,
@@ -61,7 +68,6 @@ class DashboardLink:
                     ping_interval=10,
                     ping_timeout=10,
                 ) as ws:
-                    delay = 0.2
                     await self._session(ws)
             except asyncio.CancelledError:
                 raise
@@ -70,14 +76,26 @@ class DashboardLink:
                     f"dashboard refused the connection: HTTP {exc.response.status_code}"
                 )
                 log.error("%s (check the agent token)", self.last_error)
-                delay = 5.0
+                delay = max(delay, 5.0)
+            except protocol.ProtocolError as exc:  # mid-session frames are handled in _receive
+                self.last_error = f"dashboard answered the hello with a bad frame: {exc}"
+                log.error("%s; reconnecting", self.last_error)
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 self.last_error = f"dashboard unreachable: {exc or type(exc).__name__}"
                 log.warning("%s", self.last_error)
+            except Exception as exc:
+                unexpected = True
+                self.last_error = f"dashboard link failed: {type(exc).__name__}: {exc}"
+                log.exception("dashboard link failed; reconnecting")
             finally:
+                # A session that worked until its connection ended retries soon; anything
+                # else (refused, garbage, a bug) backs off, so a broken dashboard is not
+                # hammered.
+                if self.connected and not unexpected:
+                    delay = FIRST_RETRY
                 self.connected = False
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, MAX_RETRY)
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(protocol.dump(self.hello()))
@@ -93,14 +111,20 @@ class DashboardLink:
         self.connected = True
         self.last_error = None
         log.info("connected to %s", self.url)
-        sender = asyncio.create_task(self._send_loop(ws))
+        # Sending and receiving end together: a session that can no longer send its events
+        # and heartbeats must not linger, half alive, on a socket that still receives.
+        tasks = {
+            asyncio.create_task(self._send_loop(ws), name="dashboard send"),
+            asyncio.create_task(self._receive_loop(ws), name="dashboard receive"),
+        }
         try:
-            async for text in ws:
-                await self._receive(ws, text)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, websockets.WebSocketException):
-                await sender
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # re-raise what ended the session, for run() to report
 
     async def _acked(self, seq: int) -> None:
         await self.spool.ack(seq)
@@ -120,10 +144,17 @@ class DashboardLink:
             return False
         return True
 
+    async def _receive_loop(self, ws: ClientConnection) -> None:
+        async for text in ws:
+            await self._receive(ws, text)
+
     async def _receive(self, ws: ClientConnection, text: str | bytes) -> None:
         try:
             frame = protocol.parse_dashboard_frame(text)
         except protocol.ProtocolError as exc:
+            # Logged and ignored rather than reconnecting: acks are cumulative, so the next
+            # good one covers a lost one, and a command we cannot read expires on the
+            # dashboard; dropping a working session would only churn (and repeat).
             log.warning("ignoring a bad frame from the dashboard: %s", exc)
             return
         if isinstance(frame, protocol.Ack):
@@ -136,7 +167,13 @@ class DashboardLink:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_command(self, ws: ClientConnection, command: protocol.Command) -> None:
-        result = await self.on_command(command)
+        try:
+            result = await self.on_command(command)
+        except Exception as exc:
+            # The operator waiting on the dashboard gets an answer, not a command that expires.
+            log.exception("command %s (%s) failed", command.id, command.kind)
+            detail = f"the agent failed to run it: {type(exc).__name__}: {exc}"
+            result = protocol.Result(command=command.id, ok=False, detail=detail[:500])
         with contextlib.suppress(websockets.WebSocketException):
             await ws.send(protocol.dump(result))
 
