@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class AgentSection(BaseModel):
     id: AgentId = Field(default_factory=lambda: socket.gethostname().split(".")[0])
     dashboard: str | None = None
     token_file: str | None = None
+    #: CA certificates (PEM) that sign a wss:// dashboard's certificate; default: the system's.
+    ca_file: str | None = None
     spool: str | None = None
     health: str | None = None
     heartbeat: Duration = 3.0
@@ -74,6 +77,7 @@ class AgentConfig:
     id: str
     dashboard: str | None
     token: str | None
+    ca_file: Path | None
     spool: Path | None
     health: tuple[str, int] | None
     heartbeat: float
@@ -102,6 +106,21 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_ca_file(path: Path, ca_file: Path, dashboard: str | None) -> None:
+    """Refuse at start a CA file that could not verify the dashboard, rather than at every
+    reconnect; and one set for a plain ws:// dashboard, which would suggest TLS that is not
+    there."""
+    if not (dashboard or "").startswith("wss://"):
+        raise ConfigError(path, "agent.ca_file", "only used with a wss:// dashboard")
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        problem = f"{ca_file} holds no PEM certificate ({exc.reason})"
+        raise ConfigError(path, "agent.ca_file", problem) from None
+    except OSError as exc:
+        raise ConfigError(path, "agent.ca_file", f"cannot read {ca_file}: {exc.strerror}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
@@ -150,6 +169,10 @@ def build_config(raw: dict[str, Any], path: Path) -> AgentConfig:
                 "agent.token_file",
                 "a dashboard needs a token (token_file or ELECTORATE_AGENT_TOKEN)",
             )
+    ca_file = None
+    if agent.ca_file:
+        ca_file = base / agent.ca_file
+        check_ca_file(path, ca_file, agent.dashboard)
     health = None
     if agent.health:
         try:
@@ -200,6 +223,7 @@ def build_config(raw: dict[str, Any], path: Path) -> AgentConfig:
         id=agent.id,
         dashboard=agent.dashboard,
         token=token,
+        ca_file=ca_file,
         spool=(base / agent.spool) if agent.spool else None,
         health=health,
         heartbeat=agent.heartbeat,

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -34,8 +36,10 @@ class DashboardLink:
         heartbeat: Callable[[], protocol.Heartbeat],
         on_command: Callable[[protocol.Command], Awaitable[protocol.Result]],
         heartbeat_interval: float = 3.0,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = url
+        self.ca_file = ca_file
         self.token = token
         self.spool = spool
         self.hello = hello
@@ -57,11 +61,13 @@ class DashboardLink:
         """Keep a session with the dashboard until cancelled: whatever ends one (the network,
         a refusal, a bad frame, a bug), log it and reconnect with back-off."""
         delay = FIRST_RETRY
+        tls = self._tls()
         while True:
             unexpected = False
             try:
                 async with connect(
                     self.url,
+                    ssl=tls,
                     additional_headers={"Authorization": f"Bearer {self.token}"},
                     max_size=protocol.MAX_FRAME_BYTES,
                     open_timeout=10,
@@ -76,6 +82,17 @@ class DashboardLink:
                     f"dashboard refused the connection: HTTP {exc.response.status_code}"
                 )
                 log.error("%s (check the agent token)", self.last_error)
+                delay = max(delay, 5.0)
+            except ssl.SSLCertVerificationError as exc:
+                hint = (
+                    f"is {self.ca_file} the CA that signed it? (agent.ca_file)"
+                    if self.ca_file
+                    else "set agent.ca_file to the CA that signed it"
+                )
+                self.last_error = (
+                    f"the dashboard's TLS certificate is not trusted: {exc.verify_message}; {hint}"
+                )
+                log.error("%s", self.last_error)
                 delay = max(delay, 5.0)
             except protocol.ProtocolError as exc:  # mid-session frames are handled in _receive
                 self.last_error = f"dashboard answered the hello with a bad frame: {exc}"
@@ -96,6 +113,14 @@ class DashboardLink:
                 self.connected = False
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, MAX_RETRY)
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """Certificates are always verified (hostname included): the token travels in the
+        handshake, and a dashboard can order step-downs. No switch turns this off; for a
+        self-signed dashboard, name its certificate (or its CA) in ca_file."""
+        if not self.url.startswith("wss://"):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(protocol.dump(self.hello()))

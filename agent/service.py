@@ -41,6 +41,7 @@ class Agent:
                 heartbeat=self.heartbeat,
                 on_command=self.run_command,
                 heartbeat_interval=config.heartbeat,
+                ca_file=config.ca_file,
             )
         self.health: HealthServer | None = None
         if config.health:

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from agent import protocol
-from agent.config import load_config
+from agent.config import ConfigError, load_config
 from agent.link import DashboardLink
 from agent.service import Agent
 from agent.spool import AsyncSpool
@@ -157,6 +163,145 @@ async def test_an_unexpected_error_in_a_session_does_not_end_the_link(tmp_path: 
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await spool.close()
+
+
+def make_ca_and_server_cert(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it: (CA file, server
+    context). Nothing here is in any system trust store."""
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Electorate test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(directory / "server.pem", directory / "server.key")
+    return ca_file, server
+
+
+async def test_a_wss_dashboard_is_trusted_through_ca_file(tmp_path: Path) -> None:
+    _, server_tls = make_ca_and_server_cert(tmp_path / "certs")
+    async with ScriptedDashboard([]).running(ssl=server_tls) as dashboard:
+        # ca_file is relative to the config file, like token_file.
+        agent = Agent(
+            load_config(agent_config(tmp_path, dashboard.url, 'ca_file = "certs/ca.pem"'))
+        )
+        await agent.start()
+        try:
+            link = agent.link
+            assert link is not None
+            await eventually(lambda: link.connected and dashboard.stored >= 2, timeout=10)
+            assert [e["seq"] for e in dashboard.events] == list(range(1, dashboard.stored + 1))
+        finally:
+            await agent.stop()
+
+
+async def test_an_untrusted_dashboard_certificate_is_refused_with_a_clear_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Verification is on by default (the system trust store): a private CA's certificate is
+    refused, nothing is sent over that connection, and the log says what to do."""
+    make_ca_and_server_cert(tmp_path / "certs")
+    _, other_tls = make_ca_and_server_cert(tmp_path / "other")  # another CA's certificate
+
+    async def refusal(url: str, extra: str) -> str:
+        agent = Agent(load_config(agent_config(tmp_path, url, extra)))
+        await agent.start()
+        try:
+            link = agent.link
+            assert link is not None
+            error = await eventually(lambda: link.last_error, timeout=10)
+            assert not link.connected
+            return str(error)
+        finally:
+            await agent.stop()
+
+    async with ScriptedDashboard([]).running(ssl=other_tls) as dashboard:
+        errors = [
+            await refusal(dashboard.url, ""),  # the system trust store
+            await refusal(dashboard.url, 'ca_file = "certs/ca.pem"'),  # the wrong CA
+        ]
+        assert dashboard.connections == 0  # no hello (and no token) went over either
+    for error in errors:
+        assert "certificate" in error and "ca_file" in error, error
+    refused = [r for r in caplog.records if r.levelno >= logging.ERROR and "TLS" in r.message]
+    assert len(refused) >= 2, [r.message for r in caplog.records]
+
+
+@pytest.mark.parametrize(
+    ("dashboard", "ca_text", "problem"),
+    [
+        ("wss://127.0.0.1:1/ws/agent/", None, "cannot read"),
+        ("wss://127.0.0.1:1/ws/agent/", "not a certificate\n", "no PEM certificate"),
+        ("ws://127.0.0.1:1/ws/agent/", "ca", "only used with a wss:// dashboard"),
+    ],
+)
+def test_a_bad_ca_file_names_the_file_the_field_and_the_problem(
+    tmp_path: Path, dashboard: str, ca_text: str | None, problem: str
+) -> None:
+    if ca_text == "ca":
+        ca_file, _ = make_ca_and_server_cert(tmp_path / "certs")
+        (tmp_path / "ca.pem").write_bytes(ca_file.read_bytes())
+    elif ca_text is not None:
+        (tmp_path / "ca.pem").write_text(ca_text)
+    path = agent_config(tmp_path, dashboard, 'ca_file = "ca.pem"')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.path, info.value.field) == (str(path), "agent.ca_file")
+    assert problem in info.value.message
 
 
 @pytest.fixture(autouse=True)
