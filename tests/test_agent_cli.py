@@ -201,3 +201,47 @@ async def test_events_wait_in_the_spool_while_the_dashboard_is_away(
     )
     transitions, terms = map(int, out.strip().splitlines()[-1].split())
     assert transitions >= pending and terms == 4
+
+
+def health_config(tmp_path: Path, health: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[agent]\nid = "h-1"\nhealth = {health}\n[[election]]\nname = "h/one"\n'
+        f'backend = "raft"\nlisten = "127.0.0.1:{free_port()}"\n'
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("health", "address"),
+    [
+        ('"{port}"', "127.0.0.1"),  # a port alone is loopback only
+        ('":{port}"', "127.0.0.1"),
+        ("{port}", "127.0.0.1"),  # a TOML integer, too
+        ('"0.0.0.0:{port}"', "0.0.0.0"),  # exposing it is written out
+        ('"127.0.0.1:{port}"', "127.0.0.1"),
+        ('"[::1]:{port}"', "::1"),
+    ],
+)
+async def test_the_health_server_binds_loopback_unless_a_host_is_given(
+    tmp_path: Path, health: str, address: str
+) -> None:
+    port = free_port()
+    config = load_config(health_config(tmp_path, health.format(port=port)))
+    assert config.health == (address, port)
+    agent = Agent(config)
+    await agent.start()
+    try:
+        assert agent.health is not None and agent.health._server is not None
+        bound = {s.getsockname()[:2] for s in agent.health._server.sockets}
+        assert bound == {(address, port)}
+    finally:
+        await agent.stop()
+
+
+@pytest.mark.parametrize("health", ['"nine"', '"70000"', "true", '"host:"', "-1"])
+def test_a_bad_health_address_is_refused(tmp_path: Path, health: str) -> None:
+    path = health_config(tmp_path, health)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "agent.health"
