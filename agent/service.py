@@ -14,7 +14,7 @@ from agent import __version__, protocol
 from agent.config import AgentConfig
 from agent.health import HealthServer
 from agent.link import DashboardLink
-from agent.metrics import RunnerCollector, make_registry
+from agent.metrics import AgentMetrics
 from agent.runner import ElectionRunner, Transition
 from agent.spool import AsyncSpool
 
@@ -45,12 +45,12 @@ class Agent:
             )
         self.health: HealthServer | None = None
         if config.health:
-            collector = RunnerCollector(self.runners.values, self.spool.count)
+            metrics = AgentMetrics(self.runners.values, self.spool.count)
             self.health = HealthServer(
                 *config.health,
                 status=self.status,
                 is_leader=self.is_leader,
-                metrics=make_registry(collector),
+                metrics=metrics.render,
             )
         self._link_task: asyncio.Task[None] | None = None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load_config
+from agent.metrics import Gauge
 from agent.service import Agent
 from agent.spool import Spool
 from tests.helpers import eventually, free_port
@@ -245,3 +246,33 @@ def test_a_bad_health_address_is_refused(tmp_path: Path, health: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.field == "agent.health"
+
+
+async def test_metrics_are_valid_prometheus_text(tmp_path: Path) -> None:
+    """The agent writes the exposition format itself; Prometheus' own parser must read it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    agent = Agent(load_config(health_config(tmp_path, f'"{free_port()}"')))
+    await agent.start()
+    try:
+        await eventually(lambda: agent.is_leader("h/one"), timeout=10)
+        assert agent.health is not None
+        families = {
+            f.name: f for f in text_string_to_metric_families(agent.health.metrics().decode())
+        }
+    finally:
+        await agent.stop()
+    assert set(families) == {
+        "electorate_agent_is_leader",
+        "electorate_agent_fencing_token",
+        "electorate_agent_leaderships_total",
+        "electorate_agent_spool_events",
+    }
+    (leading,) = families["electorate_agent_is_leader"].samples
+    assert leading.labels == {"election": "h/one", "backend": "raft"} and leading.value == 1.0
+    assert families["electorate_agent_leaderships_total"].samples[0].value == 1.0
+
+    gauge = Gauge("odd_labels", "labels that need escaping")
+    gauge.add(2, name='a "quoted"\\back\nslash')
+    (family,) = text_string_to_metric_families("\n".join(gauge.lines()) + "\n")
+    assert family.samples[0].labels == {"name": 'a "quoted"\\back\nslash'}
