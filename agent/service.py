@@ -8,15 +8,17 @@ import contextlib
 import logging
 import socket
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, protocol
 from agent.config import AgentConfig
 from agent.health import HealthServer
-from agent.link import DashboardLink
 from agent.metrics import AgentMetrics
 from agent.runner import ElectionRunner, Transition
 from agent.spool import AsyncSpool
+
+if TYPE_CHECKING:
+    from agent.link import DashboardLink
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ class Agent:
         }
         self.link: DashboardLink | None = None
         if config.dashboard and config.token:
+            # Imported only with a dashboard: websockets (with the urllib and http.client its
+            # proxy support loads) is about 1 MB that an agent without one does not need.
+            from agent.link import DashboardLink
+
             self.link = DashboardLink(
                 config.dashboard,
                 config.token,
