@@ -261,7 +261,7 @@ def measure(
         rss, peak = proc_status(proc.pid, "VmRSS"), proc_status(proc.pid, "VmHWM")
         threads = proc_status(proc.pid, "Threads")
     return {
-        "name": name,
+        "name": name if name != "mixed" else f"mixed({len(set(backends))})",
         "elections": len(backends),
         "backends": sorted(set(backends)),
         "settle": settle,
@@ -282,10 +282,16 @@ def main() -> int:
     parser.add_argument("--elections", type=int, default=100)
     parser.add_argument("--cpu-seconds", type=float, default=20.0)
     parser.add_argument("--no-dashboard", action="store_true", help="run without a dashboard")
+    parser.add_argument(
+        "--mix", default=",".join(MIXED), help="the backends of the mixed scenario (default: all)"
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    mix = tuple(n.strip() for n in args.mix.split(",") if n.strip())
     if unknown := [n for n in names if n not in SCENARIOS]:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+    if unknown := [n for n in mix if n not in MIXED]:
+        parser.error(f"unknown backend(s) in --mix: {', '.join(unknown)}")
 
     run = uuid.uuid4().hex[:8]
     env = Env(run)
@@ -300,7 +306,7 @@ def main() -> int:
 
                 dashboard = start_dashboard(Path(tmp) / "dashboard", production=False)
             for name in names:
-                pool = MIXED if name == "mixed" else (name,)
+                pool = mix if name == "mixed" else (name,)
                 backends = [pool[i % len(pool)] for i in range(args.elections)]
                 used.update(backends)
                 print(f"{name}: starting {args.elections} elections...", file=sys.stderr)
