@@ -25,6 +25,10 @@ FIRST_RETRY = 0.2
 MAX_RETRY = 10.0
 
 
+class CannotVerify(Exception):
+    """The CA file is gone or unreadable: no wss:// connection can be verified."""
+
+
 class DashboardLink:
     def __init__(
         self,
@@ -61,13 +65,12 @@ class DashboardLink:
         """Keep a session with the dashboard until cancelled: whatever ends one (the network,
         a refusal, a bad frame, a bug), log it and reconnect with back-off."""
         delay = FIRST_RETRY
-        tls = self._tls()
         while True:
             unexpected = False
             try:
                 async with connect(
                     self.url,
-                    ssl=tls,
+                    ssl=self._tls(),  # per attempt: a renewed (or lost) CA file is seen
                     additional_headers={"Authorization": f"Bearer {self.token}"},
                     max_size=protocol.MAX_FRAME_BYTES,
                     open_timeout=10,
@@ -92,6 +95,10 @@ class DashboardLink:
                 self.last_error = (
                     f"the dashboard's TLS certificate is not trusted: {exc.verify_message}; {hint}"
                 )
+                log.error("%s", self.last_error)
+                delay = max(delay, 5.0)
+            except CannotVerify as exc:
+                self.last_error = str(exc)
                 log.error("%s", self.last_error)
                 delay = max(delay, 5.0)
             except protocol.ProtocolError as exc:  # mid-session frames are handled in _receive
@@ -120,7 +127,10 @@ class DashboardLink:
         self-signed dashboard, name its certificate (or its CA) in ca_file."""
         if not self.url.startswith("wss://"):
             return None
-        return ssl.create_default_context(cafile=self.ca_file)
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except OSError as exc:  # checked at load; this is a file lost or broken since
+            raise CannotVerify(f"cannot load agent.ca_file {self.ca_file}: {exc}") from None
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(protocol.dump(self.hello()))

@@ -281,6 +281,25 @@ async def test_an_untrusted_dashboard_certificate_is_refused_with_a_clear_error(
     assert len(refused) >= 2, [r.message for r in caplog.records]
 
 
+async def test_a_ca_file_lost_after_start_does_not_end_the_link(tmp_path: Path) -> None:
+    ca_file, server_tls = make_ca_and_server_cert(tmp_path / "certs")
+    async with ScriptedDashboard([]).running(ssl=server_tls) as dashboard:
+        agent = Agent(
+            load_config(agent_config(tmp_path, dashboard.url, 'ca_file = "certs/ca.pem"'))
+        )
+        saved = ca_file.read_bytes()
+        ca_file.unlink()  # e.g. a certificate rotation caught half way
+        await agent.start()
+        try:
+            link = agent.link
+            assert link is not None
+            await eventually(lambda: link.last_error and "ca.pem" in link.last_error, timeout=10)
+            ca_file.write_bytes(saved)
+            await eventually(lambda: link.connected and dashboard.stored >= 2, timeout=15)
+        finally:
+            await agent.stop()
+
+
 @pytest.mark.parametrize(
     ("dashboard", "ca_text", "problem"),
     [
