@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from agent.durations import Duration
 from agent.protocol import AgentId, Name
@@ -29,14 +30,22 @@ class ConfigError(Exception):
         super().__init__(f"{self.path}: {field}: {message}" if field else f"{self.path}: {message}")
 
 
+def _int_as_text(value: object) -> object:
+    """A TOML integer where an address is expected is a port (a bool is not, though an int)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class AgentSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: AgentId = Field(default_factory=lambda: socket.gethostname().split(".")[0])
     dashboard: str | None = None
     token_file: str | None = None
+    #: CA certificates (PEM) that sign a wss:// dashboard's certificate; default: the system's.
+    ca_file: str | None = None
     spool: str | None = None
-    health: str | None = None
+    #: "HOST:PORT"; a port alone ("9101", ":9101", 9101) binds 127.0.0.1.
+    health: Annotated[str | None, BeforeValidator(_int_as_text)] = None
     heartbeat: Duration = 3.0
     #: How long a leader stays out of the race after a voluntary resign.
     hold_off: Duration = 2.0
@@ -74,6 +83,7 @@ class AgentConfig:
     id: str
     dashboard: str | None
     token: str | None
+    ca_file: Path | None
     spool: Path | None
     health: tuple[str, int] | None
     heartbeat: float
@@ -102,6 +112,34 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_health(value: str) -> tuple[str, int]:
+    """The health server's address. A port alone binds loopback only (unlike Go's ":9101"):
+    the endpoints tell anyone who can reach them which elections this host leads, so
+    exposing them is written out, e.g. "0.0.0.0:9101"."""
+    text = value.strip()
+    if text.isdigit():
+        text = f":{text}"
+    try:
+        return parse_host_port(text)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT or a port, got {value!r}") from None
+
+
+def check_ca_file(path: Path, ca_file: Path, dashboard: str | None) -> None:
+    """Refuse at start a CA file that could not verify the dashboard, rather than at every
+    reconnect; and one set for a plain ws:// dashboard, which would suggest TLS that is not
+    there."""
+    if not (dashboard or "").startswith("wss://"):
+        raise ConfigError(path, "agent.ca_file", "only used with a wss:// dashboard")
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        problem = f"{ca_file} holds no PEM certificate ({exc.reason})"
+        raise ConfigError(path, "agent.ca_file", problem) from None
+    except OSError as exc:
+        raise ConfigError(path, "agent.ca_file", f"cannot read {ca_file}: {exc.strerror}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
@@ -150,10 +188,14 @@ def build_config(raw: dict[str, Any], path: Path) -> AgentConfig:
                 "agent.token_file",
                 "a dashboard needs a token (token_file or ELECTORATE_AGENT_TOKEN)",
             )
+    ca_file = None
+    if agent.ca_file:
+        ca_file = base / agent.ca_file
+        check_ca_file(path, ca_file, agent.dashboard)
     health = None
     if agent.health:
         try:
-            health = parse_host_port(agent.health)
+            health = parse_health(agent.health)
         except ValueError as exc:
             raise ConfigError(path, "agent.health", str(exc)) from None
 
@@ -200,6 +242,7 @@ def build_config(raw: dict[str, Any], path: Path) -> AgentConfig:
         id=agent.id,
         dashboard=agent.dashboard,
         token=token,
+        ca_file=ca_file,
         spool=(base / agent.spool) if agent.spool else None,
         health=health,
         heartbeat=agent.heartbeat,

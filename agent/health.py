@@ -1,4 +1,4 @@
-"""Health and metrics HTTP endpoints for load balancers and Prometheus (ARCHITECTURE §5).
+"""Health and metrics HTTP endpoints for load balancers and Prometheus.
 
 ``GET /health/leadership/<election>``: 200 when this agent leads it, 503 otherwise (like
 Patroni's ``/leader``); ``GET /health``: JSON of every election; ``GET /metrics``.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST
+from agent.metrics import CONTENT_TYPE
 
 _REASONS = {
     200: "OK",
@@ -67,7 +67,7 @@ class HealthServer:
                 return 200, "text/plain", b"leader\n"
             return 503, "text/plain", b"not leader\n"
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, self.metrics()
+            return 200, CONTENT_TYPE, self.metrics()
         return 404, "text/plain", b"not found\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -8,15 +8,17 @@ import contextlib
 import logging
 import socket
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, protocol
 from agent.config import AgentConfig
 from agent.health import HealthServer
-from agent.link import DashboardLink
-from agent.metrics import RunnerCollector, make_registry
+from agent.metrics import AgentMetrics
 from agent.runner import ElectionRunner, Transition
-from agent.spool import Spool
+from agent.spool import AsyncSpool
+
+if TYPE_CHECKING:
+    from agent.link import DashboardLink
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.spool = Spool(config.spool)
+        self.spool = AsyncSpool(config.spool)
         self.runners: dict[str, ElectionRunner] = {
             e.name: ElectionRunner(
                 e, config.id, hold_off=config.hold_off, on_transition=self._record
@@ -33,6 +35,10 @@ class Agent:
         }
         self.link: DashboardLink | None = None
         if config.dashboard and config.token:
+            # Imported only with a dashboard: websockets (with the urllib and http.client its
+            # proxy support loads) is about 1 MB that an agent without one does not need.
+            from agent.link import DashboardLink
+
             self.link = DashboardLink(
                 config.dashboard,
                 config.token,
@@ -41,33 +47,39 @@ class Agent:
                 heartbeat=self.heartbeat,
                 on_command=self.run_command,
                 heartbeat_interval=config.heartbeat,
+                ca_file=config.ca_file,
             )
         self.health: HealthServer | None = None
         if config.health:
-            collector = RunnerCollector(self.runners.values, self.spool.count)
+            metrics = AgentMetrics(self.runners.values, self.spool.count)
             self.health = HealthServer(
                 *config.health,
                 status=self.status,
                 is_leader=self.is_leader,
-                metrics=make_registry(collector),
+                metrics=metrics.render,
             )
         self._link_task: asyncio.Task[None] | None = None
 
     async def _record(self, transition: Transition) -> None:
-        self.spool.append(
-            {
-                "election": transition.election,
-                "from": transition.from_,
-                "to": transition.to,
-                "token": transition.token,
-                "leader": transition.leader,
-                "at": transition.at.isoformat(),
-                "detail": transition.detail[:500],
-                **({"reason": transition.reason} if transition.reason else {}),
-            }
-        )
-        if self.link:
-            self.link.notify()
+        """Spool a transition. The runner awaits this, so the event is on disk when it returns;
+        the loop stays free meanwhile (the write runs on the spool's own thread)."""
+        event = {
+            "election": transition.election,
+            "from": transition.from_,
+            "to": transition.to,
+            "token": transition.token,
+            "leader": transition.leader,
+            "at": transition.at.isoformat(),
+            "detail": transition.detail[:500],
+            **({"reason": transition.reason} if transition.reason else {}),
+        }
+        try:
+            await self.spool.append(event)
+        finally:
+            # Also when the runner gave up waiting (a callback timeout): the link's next read
+            # queues behind this write on the spool thread, so it finds the event.
+            if self.link:
+                self.link.notify()
 
     def is_leader(self, election: str) -> bool | None:
         runner = self.runners.get(election)
@@ -149,6 +161,7 @@ class Agent:
         )
 
     async def start(self) -> None:
+        await self.spool.open()
         if self.health:
             await self.health.start()
             log.info("health endpoints on http://%s:%s/health", self.health.host, self.health.port)
@@ -160,6 +173,7 @@ class Agent:
     async def stop(self) -> None:
         """Resign every election, then give the link a moment to flush the last events."""
         await asyncio.gather(*(r.stop() for r in self.runners.values()))
+        await self.spool.flush()  # a transition whose callback timed out is still being written
         if self.link and self.link.connected:
             await self.link.drained(timeout=2)
         if self._link_task:
@@ -168,4 +182,4 @@ class Agent:
                 await self._link_task
         if self.health:
             await self.health.stop()
-        self.spool.close()
+        await self.spool.close()
