@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from agent.durations import Duration
-from agent.protocol import AgentId, Name
+from agent.protocol import AgentId, Labels, Name
 
 
 class ConfigError(Exception):
@@ -59,7 +59,7 @@ class ElectionSection(BaseModel):
     name: Name
     backend: str
     ttl: Duration = 10.0
-    labels: dict[str, str] = {}
+    labels: Labels = {}  # the wire contract's bounds: a hello the dashboard refuses is useless
     #: Observe only: never campaign.
     observer: bool = False
 

@@ -7,6 +7,7 @@ Frames are JSON text objects with a ``type`` field. Nothing here imports Django.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -194,6 +195,34 @@ def parse_dashboard_frame(text: str | bytes) -> Ack | Error | Command:
         return _dashboard_frames.validate_python(data)
     except ValidationError as exc:
         raise ProtocolError("invalid", _explain(exc)) from None
+
+
+def spooled_event(data: dict[str, Any]) -> Event:
+    """An event read back from the spool, made valid if it somehow is not.
+
+    Its seq must reach the dashboard whatever it holds (the dashboard acks the highest seq
+    with no gap below it), so an event that fails validation (e.g. a leader name a backend
+    reported that is no agent id) is sent with the offending fields dropped, or at worst as
+    a placeholder that says why, rather than blocking every later event forever.
+    """
+    try:
+        return Event.model_validate(data)
+    except ValidationError as exc:
+        problem = _explain(exc)
+    lenient = {**data, "leader": None, "reason": None, "detail": str(data.get("detail", ""))[:500]}
+    try:
+        return Event.model_validate(lenient)
+    except ValidationError:
+        return Event.model_validate(
+            {
+                "seq": data.get("seq"),
+                "election": "unreadable-event",
+                "from": "follower",
+                "to": "follower",
+                "at": datetime.now(UTC),
+                "detail": f"the spooled event could not be read: {problem}"[:500],
+            }
+        )
 
 
 def dump(frame: Frame) -> str:

@@ -326,3 +326,75 @@ def test_a_bad_ca_file_names_the_file_the_field_and_the_problem(
 @pytest.fixture(autouse=True)
 def _agent_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="agent")
+
+
+async def test_a_burst_of_transitions_shares_one_frame(tmp_path: Path) -> None:
+    frames: list[int] = []
+
+    class Counting(ScriptedDashboard):
+        async def _session(self, ws: ServerConnection) -> None:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "ack", "seq": 0}))
+            async for text in ws:
+                frame = json.loads(text)
+                if frame["type"] == "events":
+                    frames.append(len(frame["items"]))
+                    top = frame["items"][-1]["seq"]
+                    await ws.send(json.dumps({"type": "ack", "seq": top}))
+
+    async with Counting([]).running() as dashboard:
+        spool = AsyncSpool(None)
+        await spool.open()
+        link = DashboardLink(
+            dashboard.url,
+            "t",
+            spool,
+            hello=lambda: protocol.Hello(agent="link-1"),
+            heartbeat=lambda: protocol.Heartbeat(at=datetime.now(UTC)),
+            on_command=lambda c: None,  # type: ignore[arg-type,return-value]
+            heartbeat_interval=60,
+        )
+        task = asyncio.create_task(link.run())
+        try:
+            await eventually(lambda: link.connected, timeout=10)
+            for i in range(5):  # a campaign, a win, other elections moving: within a few ms
+                await spool.append(
+                    {
+                        "election": f"e/{i}",
+                        "from": "follower",
+                        "to": "candidate",
+                        "at": datetime.now(UTC).isoformat(),
+                    }
+                )
+                link.notify()
+            await eventually(lambda: sum(frames) == 5, timeout=5)
+            assert frames == [5]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await spool.close()
+
+
+def test_an_unreadable_spooled_event_is_sent_anyway_so_its_seq_is_acked() -> None:
+    at = datetime.now(UTC).isoformat()
+    good = {"seq": 3, "election": "e/1", "from": "candidate", "to": "leader", "at": at}
+    assert protocol.spooled_event(good).seq == 3
+    # A leader name some backend reported that is no agent id: dropped, the rest kept.
+    odd = protocol.spooled_event({**good, "leader": "not an id!", "token": 7})
+    assert (odd.seq, odd.election, odd.leader, odd.token) == (3, "e/1", None, 7)
+    # Beyond repair: a placeholder with the same seq says why.
+    broken = protocol.spooled_event({"seq": 4, "election": "no spaces allowed", "at": "x"})
+    assert (broken.seq, broken.election) == (4, "unreadable-event")
+    assert "could not be read" in broken.detail
+
+
+def test_labels_beyond_the_wire_contract_are_refused_at_load(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "ws://127.0.0.1:1/ws/agent/")
+    text = config.read_text().replace(
+        'backend = "raft"', 'backend = "raft"\nlabels = { team = "' + "x" * 101 + '" }'
+    )
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert "labels" in info.value.field

@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from dashboard import demo
-from tests.live import LiveDashboard, create_user, demo_fleet
+from tests.live import LiveDashboard, create_user, demo_fleet, start_dashboard
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -40,8 +40,17 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def fleet(embedded_dashboard: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
-    with demo_fleet(embedded_dashboard, tmp_path_factory.mktemp("fleet")) as procs:
+def demo_dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDashboard]:
+    """The demo, as `make demo` runs it: an embedded dashboard with only the demo fleet on it
+    (other modules' elections would push the demo's off the map's first page)."""
+    dashboard = start_dashboard(tmp_path_factory.mktemp("demo"), production=False)
+    yield dashboard
+    dashboard.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(demo_dashboard: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
+    with demo_fleet(demo_dashboard, tmp_path_factory.mktemp("fleet")) as procs:
         yield procs
 
 
@@ -60,12 +69,12 @@ def log_in(page: Page, dashboard: LiveDashboard) -> None:
 
 
 def test_step_down_from_the_map_with_confirmation(
-    browser: Browser, embedded_dashboard: LiveDashboard, fleet: dict
+    browser: Browser, demo_dashboard: LiveDashboard, fleet: dict
 ) -> None:
     page = browser.new_page()
     blocked: list[str] = []  # what the Content-Security-Policy refused: nothing may be
     page.on("console", lambda m: blocked.append(m.text) if "Content Security" in m.text else None)
-    log_in(page, embedded_dashboard)
+    log_in(page, demo_dashboard)
     row = page.locator(
         "#election-rows tr", has=page.get_by_role("link", name="search/shard-1", exact=True)
     )
@@ -94,15 +103,15 @@ def test_step_down_from_the_map_with_confirmation(
 
 
 def test_a_killed_leader_is_replaced_live_on_the_map(
-    browser: Browser, embedded_dashboard: LiveDashboard, fleet: dict
+    browser: Browser, demo_dashboard: LiveDashboard, fleet: dict
 ) -> None:
     page = browser.new_page()
     external: list[str] = []
     page.on(
         "request",
-        lambda r: external.append(r.url) if not r.url.startswith(embedded_dashboard.url) else None,
+        lambda r: external.append(r.url) if not r.url.startswith(demo_dashboard.url) else None,
     )
-    log_in(page, embedded_dashboard)
+    log_in(page, demo_dashboard)
 
     row = page.locator(
         "#election-rows tr", has=page.get_by_role("link", name="billing/cluster", exact=True)
