@@ -225,7 +225,8 @@ class RaftNode:
 
     async def wait_changed(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     async def step_down(self, successor: str | None) -> None:
         """Stop leading; ask one successor to campaign at once.
@@ -277,8 +278,11 @@ class RaftNode:
             left = self._deadline - time.monotonic()
             if left > 0:
                 self._kick.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
+                # as the kick arrives (a heartbeat), and stop() then waited forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._kick.wait()
                 continue
             self._reset_deadline()
             if self.eligible and not self.no_vote:
