@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agent.backends.raft import RaftBackend, RaftOptions
+from agent.backends.raft import RaftBackend, RaftNode, RaftOptions
 from agent.config import ElectionConfig
 from agent.runner import ElectionRunner
 from tests.helpers import eventually, free_port
@@ -222,3 +222,47 @@ def test_options_are_checked() -> None:
         "heartbeat",
         "must be at most half of election_timeout",
     )
+
+
+async def _bare_nodes(n: int, timeout: str = "300ms") -> list[RaftNode]:
+    """``n`` started nodes that campaign only when a test makes them eligible."""
+    nodes = [r.backend.node for r in make_cluster(n, timeout=timeout)]
+    for node in nodes:
+        await node.start()
+    return nodes
+
+
+async def _stop_nodes(nodes: list[RaftNode]) -> None:
+    await asyncio.gather(*(node.stop() for node in nodes))
+
+
+async def test_a_pre_vote_answered_after_a_newer_vote_is_dropped() -> None:
+    # After a partition heals, a node's pre-vote may come back granted after the node has
+    # already voted for someone else in a newer term; campaigning on it deposed that winner.
+    nodes = await _bare_nodes(3)
+    try:
+        node = nodes[2]
+        node.eligible = True
+        term = node.term
+        campaign = asyncio.create_task(node._campaign(pre_vote=True))
+        await asyncio.sleep(0)  # the pre-vote requests are on their way
+        assert node._on_vote(term + 1, "node-0", pre=False, transfer_from=None)["granted"]
+        await campaign
+        assert (node.term, node.role, node.voted_for) == (term + 1, "follower", "node-0")
+    finally:
+        await _stop_nodes(nodes)
+
+
+async def test_a_pre_vote_answered_after_a_leader_was_heard_is_dropped() -> None:
+    nodes = await _bare_nodes(3)
+    try:
+        node = nodes[2]
+        node.eligible = True
+        term = node.term
+        campaign = asyncio.create_task(node._campaign(pre_vote=True))
+        await asyncio.sleep(0)
+        assert node._on_append(term, "node-0")["ok"]  # a leader of this very term spoke
+        await campaign
+        assert (node.term, node.role, node.leader_id) == (term, "follower", "node-0")
+    finally:
+        await _stop_nodes(nodes)

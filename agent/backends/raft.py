@@ -5,7 +5,8 @@ per term; a majority of *voting* members wins; ``no_vote`` members follow but ne
 lead. Beyond goelect:
 
 - pre-vote: a node first asks whether it *could* win, without bumping anyone's term, so a
-  node returning from a partition does not depose a healthy leader;
+  node returning from a partition does not depose a healthy leader; answers that come back
+  after the node voted, moved to a newer term or heard a leader are dropped;
 - leader stickiness: a voter that heard from a leader within T refuses votes (except for a
   leadership transfer), and the leader keeps its lease only while a majority acked a
   heartbeat round within T of that round's *start*; so the old leader's lease has always
@@ -257,6 +258,10 @@ class RaftNode:
             self.election_timeout, 2 * self.election_timeout
         )
 
+    def _standing(self) -> tuple[Any, ...]:
+        """What a pre-vote's answer depends on: the term, our vote, the leader we hear."""
+        return (self.term, self.voted_for, self.voted_at, self.leader_id, self.last_heard)
+
     def _notify(self) -> None:
         self._changed.set()
 
@@ -289,8 +294,15 @@ class RaftNode:
                 await self._campaign(pre_vote=True)
 
     async def _campaign(self, *, pre_vote: bool, transfer_from: str | None = None) -> None:
-        if pre_vote and not await self._ballot(self.term + 1, pre=True, transfer_from=None):
-            return
+        if pre_vote:
+            before = self._standing()
+            if not await self._ballot(self.term + 1, pre=True, transfer_from=None):
+                return
+            # The answers took a round trip. If meanwhile this node voted, moved to a newer
+            # term or heard a leader, they are stale: campaigning on them would depose the
+            # leader that just won (seen after a partition healed).
+            if self._standing() != before or self.role != "follower" or not self.eligible:
+                return
         self.term += 1
         started = time.monotonic()
         self.voted_for, self.voted_candidate, self.voted_at = self.id, self.id, started
