@@ -198,6 +198,7 @@ class ElectionRunner:
     def hold(self, seconds: float) -> None:
         """Stay out of the race for ``seconds`` (so that a chosen successor wins)."""
         self._hold_off_until = max(self._hold_off_until, time.monotonic() + seconds)
+        self.backend.hold()
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[ElectionRunner], bool], timeout: float) -> bool:

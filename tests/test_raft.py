@@ -266,3 +266,72 @@ async def test_a_pre_vote_answered_after_a_leader_was_heard_is_dropped() -> None
         assert (node.term, node.role, node.leader_id) == (term, "follower", "node-0")
     finally:
         await _stop_nodes(nodes)
+
+
+async def test_back_to_back_step_downs_are_handed_over_at_once() -> None:
+    # node-0 steps down first and holds off throughout; the other two then pass the seat back
+    # and forth, each step-down right after the previous one completed. A handover must never
+    # go to the member holding off (it would refuse, and the seat would wait for an election
+    # timeout of 1-2 s): each must be taken over in a fraction of the election timeout.
+    runners = make_cluster(3, timeout="1s")
+    for runner in runners:
+        runner.flap_limit = 0  # the damper would rightly hold off a member that wins this often
+    await start(runners)
+    try:
+        [first] = await eventually(lambda: leaders(runners) or None)
+        result = await first.step_down(hold_off=60)
+        assert result.ok, result.detail
+        gaps = []
+        for _ in range(8):
+            [leader] = await eventually(lambda: leaders(runners) or None, timeout=5)
+            started = time.monotonic()
+            result = await leader.step_down(hold_off=0)
+            assert result.ok, result.detail
+            [new] = await eventually(lambda: leaders(runners) or None, timeout=5)
+            gaps.append(round(time.monotonic() - started, 3))
+            assert new not in (leader, first), (new.agent_id, leader.agent_id)
+        assert max(gaps) < 0.5, f"seconds from each step-down to the next leader: {gaps}"
+    finally:
+        await stop(runners)
+
+
+async def test_a_handover_never_goes_to_a_member_holding_off() -> None:
+    nodes = await _bare_nodes(3, timeout="1s")
+    try:
+        for node in nodes:
+            node.eligible = True
+        for i in range(8):
+            leader = await eventually(lambda: next((n for n in nodes if n.lease()), None))
+            holding, ready = [n for n in nodes if n is not leader][:: 1 if i % 2 else -1]
+            holding.eligible = False  # its runner holds off (after its own step-down, say)
+            await asyncio.sleep(0.12)  # a heartbeat round or two
+            started = time.monotonic()
+            await leader.step_down(None)
+            await eventually(
+                lambda r=ready, h=holding: r.lease() or h.role != "follower", timeout=5
+            )
+            took = time.monotonic() - started
+            assert holding.role == "follower" and ready.lease(), (holding.role, ready.role)
+            assert took < 0.5, f"handover {i} took {took:.2f}s"
+            holding.eligible = leader.eligible = True
+    finally:
+        await _stop_nodes(nodes)
+
+
+async def test_a_member_whose_runner_holds_off_is_not_handed_the_seat() -> None:
+    # A switchover makes the other members hold off; a held-off member that took a handover
+    # would win the node's election while its runner refuses to lead: nobody would lead.
+    for _ in range(4):  # a random pick would land on the held-off member half the time
+        runners = make_cluster(3, timeout="1s")
+        await start(runners)
+        try:
+            [leader] = await eventually(lambda rs=runners: leaders(rs) or None)
+            held, other = [r for r in runners if r is not leader]
+            held.hold(30)
+            await asyncio.sleep(0.12)  # a heartbeat round or two
+            started = time.monotonic()
+            result = await leader.step_down(hold_off=30)
+            assert result.ok and result.leader == other.agent_id, result
+            assert other.is_leader() and time.monotonic() - started < 0.5
+        finally:
+            await stop(runners)

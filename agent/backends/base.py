@@ -150,6 +150,11 @@ class Backend(ABC):
     async def observe(self) -> Seat:
         """Read who holds the seat now."""
 
+    def hold(self) -> None:  # noqa: B027 - optional hook
+        """The runner stays out of the race (a step-down, a switchover to another agent, the
+        flap damper) until it calls ``campaign()`` again. A backend whose members campaign or
+        accept a handover by themselves (Raft) must not do so meanwhile."""
+
     async def wait_for_change(self, timeout: float) -> None:
         """Return when the seat may have changed, or after ``timeout`` seconds."""
         await asyncio.sleep(timeout)

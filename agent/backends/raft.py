@@ -12,7 +12,9 @@ lead. Beyond goelect:
   heartbeat round within T of that round's *start*; so the old leader's lease has always
   run out before a majority can elect another (self-fencing, no split brain);
 - leadership transfer (``TimeoutNow``): a resigning leader tells a successor to campaign at
-  once, so handover takes one round trip rather than an election timeout;
+  once, so handover takes one round trip rather than an election timeout. Followers say in
+  every heartbeat ack whether they may campaign (not while their runner holds off), and the
+  leader hands over only to one that said so, asked once more as it steps down;
 - every RPC has its own timeout, and the leader is known even when some peers are down.
 
 Peer RPC: one JSON line each way over TCP. The fencing token is the term.
@@ -111,8 +113,15 @@ class RaftBackend(Backend):
             raise Misconfigured(f"cannot listen on {self.options.listen}: {exc.strerror}") from None
 
     async def campaign(self) -> Lease | None:
-        self.node.eligible = True
+        if not self.node.eligible:
+            self.node.eligible = True
+            self.node._kick.set()  # back in the race: campaign now if the seat is empty
         return self.node.lease()
+
+    def hold(self) -> None:
+        # Out of the race until the runner campaigns again: no campaign of the node's own, no
+        # handover accepted, and heartbeat acks say so.
+        self.node.eligible = False
 
     async def renew(self, lease: Lease) -> Lease:
         current = self.node.lease()
@@ -176,8 +185,8 @@ class RaftNode:
         #: whatever the term, so a leader's lease (ballot start + T) outlives its voters' loyalty.
         self.voted_at = -1e9
         self.voted_candidate: str | None = None
-        #: Peers that acked the last heartbeat round: where a handover can go.
-        self.acked: set[tuple[str, int]] = set()
+        #: Peers that acked the last heartbeat round, and whether each said it may campaign.
+        self.acked: dict[tuple[str, int], bool] = {}
         self.lease_until = 0.0
         #: Campaign only when the runner asks (it holds off after a resign).
         self.eligible = False
@@ -230,26 +239,55 @@ class RaftNode:
                 await self._changed.wait()
 
     async def step_down(self, successor: str | None) -> None:
-        """Stop leading; ask one successor to campaign at once.
+        """Stop leading; hand over to ``successor``, or to a follower that can take the seat now.
 
-        Exactly one: a TimeoutNow whose answer was lost may still have been acted on, and a
-        second one to another peer could start a rival transfer campaign. If the one target
-        does not take over, the others elect a leader after their election timeout.
+        The candidates are the voters that say, in a heartbeat sent right now, that they may
+        campaign (a member whose runner holds off, e.g. after its own step-down, says it may
+        not), fastest first, then those that said so in the last regular round. A candidate
+        that refuses TimeoutNow is followed by the next; one that does not answer is not:
+        the message may have arrived and the candidate be campaigning, and a second transfer
+        campaign would bump the term and depose it. With no candidate, or after a silent one,
+        the others elect a leader after their election timeout.
         """
         if self.role != "leader":
             return
         term = self.term
+        named = [a for a, ident in self.peer_ids.items() if ident == successor]
+        targets = named[:1] if named else await self._ready_voters(term)
+        if self.role != "leader" or self.term != term:
+            return  # a newer term turned up meanwhile
         self._become_follower(term, None)
         self.eligible = False
-        named = [a for a, ident in self.peer_ids.items() if ident == successor]
-        healthy = [a for a in self.peers if self.peer_voter[a] and a in self.acked]
-        if not (named or healthy):
-            return
-        target = named[0] if named else random.choice(healthy)
-        # Our vote is pledged to the successor for T: no rival can count on it meanwhile.
-        now = time.monotonic()
-        self.voted_at, self.voted_candidate = now, self.peer_ids.get(target)
-        await self._rpc(target, {"type": "timeout_now", "term": term, "from": self.id})
+        for target in targets:
+            # Our vote is pledged to the successor for T: no rival can count on it meanwhile.
+            self.voted_at, self.voted_candidate = time.monotonic(), self.peer_ids.get(target)
+            reply = await self._rpc(target, {"type": "timeout_now", "term": term, "from": self.id})
+            if reply is None or reply.get("ok") or self.term != term:
+                return
+
+    async def _ready_voters(self, term: int) -> list[tuple[str, int]]:
+        """Voters that may campaign now: a heartbeat round, cut short by the first that says
+        so (a peer that is down costs nothing), then the last regular round's."""
+        message = {"type": "append", "term": term, "leader": self.id}
+        voters = [a for a in self.peers if self.peer_voter[a]]
+        calls = {asyncio.ensure_future(self._rpc(a, message)): a for a in voters}
+        ready: list[tuple[str, int]] = []
+        pending = set(calls)
+        try:
+            while pending and not ready:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for call in done:
+                    reply = call.result()
+                    if reply and reply.get("term", 0) > term:
+                        self._become_follower(reply["term"], None)
+                        return []
+                    if reply and reply.get("ok") and reply.get("eligible"):
+                        ready.append(calls[call])
+        finally:
+            for call in pending:
+                call.cancel()
+        ready += [a for a, eligible in self.acked.items() if eligible and a not in ready]
+        return [a for a in ready if self.peer_voter[a]]
 
     # -- the timer loop -------------------------------------------------------------------
 
@@ -289,9 +327,14 @@ class RaftNode:
                     async with asyncio.timeout(left):
                         await self._kick.wait()
                 continue
+            if not self._may_campaign():
+                # Timed out while out of the race: stay timed out, so that the runner coming
+                # back (campaign() kicks us) starts a campaign at once, not a timeout later.
+                self._kick.clear()
+                await self._kick.wait()
+                continue
             self._reset_deadline()
-            if self.eligible and not self.no_vote:
-                await self._campaign(pre_vote=True)
+            await self._campaign(pre_vote=True)
 
     async def _campaign(self, *, pre_vote: bool, transfer_from: str | None = None) -> None:
         if pre_vote:
@@ -350,7 +393,11 @@ class RaftNode:
         if self.role != "leader" or self.term != term:
             return
         acks = 1
-        self.acked = {a for a, r in zip(self.peers, replies, strict=True) if r and r.get("ok")}
+        self.acked = {
+            a: bool(r.get("eligible"))
+            for a, r in zip(self.peers, replies, strict=True)
+            if r and r.get("ok")
+        }
         for reply in replies:
             if not reply:
                 continue
@@ -437,7 +484,7 @@ class RaftNode:
         self.last_heard = time.monotonic()
         self._reset_deadline()
         self._kick.set()
-        return {"ok": True, "voter": not self.no_vote}
+        return {"ok": True, "voter": not self.no_vote, "eligible": self._may_campaign()}
 
     def _on_vote(
         self, term: int, candidate: str, pre: bool, transfer_from: str | None
@@ -469,8 +516,11 @@ class RaftNode:
             return {"granted": True}
         return {"granted": False}  # one vote per term
 
+    def _may_campaign(self) -> bool:
+        return self.eligible and not self.no_vote
+
     def _on_timeout_now(self, term: int, sender: str | None) -> dict[str, Any]:
-        if term < self.term or self.no_vote or not self.eligible or sender is None:
+        if term < self.term or not self._may_campaign() or sender is None:
             return {"ok": False}
         asyncio.get_running_loop().create_task(self._campaign(pre_vote=False, transfer_from=sender))
         return {"ok": True}
