@@ -42,6 +42,7 @@ def make_runners(ttl: float, hold_off: float) -> list[ElectionRunner]:
                     "ttl": ttl,
                     "listen": f"127.0.0.1:{port}",
                     "peers": [f"127.0.0.1:{p}" for p in ports],
+                    "secret": "raft-step-down-benchmark-secret",
                 }
             ],
         }

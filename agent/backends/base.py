@@ -96,7 +96,11 @@ Text = Annotated[str, AfterValidator(_not_blank)]
 
 
 class BackendOptions(BaseModel):
-    """Base for each backend's options; unknown options are an error."""
+    """Base for each backend's options; unknown options are an error.
+
+    The agent validates them with the context ``{"config_dir": <the config file's directory>}``
+    so that a validator can resolve a relative path the way ``token_file`` is resolved.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

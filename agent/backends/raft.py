@@ -17,20 +17,59 @@ lead. Beyond goelect:
   leader hands over only to one that said so, asked once more as it steps down;
 - every RPC has its own timeout, and the leader is known even when some peers are down.
 
-Peer RPC: one JSON line each way over TCP. The fencing token is the term.
+Peer RPC: one JSON line each way over TCP, authenticated. The fencing token is the term.
+
+Peers authenticate each other
+-----------------------------
+Anyone who reached a member's port could otherwise depose the leader with one ``append`` of
+a higher term. The members of an election share a secret (``secret``, or ``secret_file``
+relative to the config file; required). Every message, both ways, carries an HMAC-SHA256 of
+its canonical JSON (sorted keys, no spaces), keyed by HMAC(secret, election name), and names
+the election: a message neither verifies under another secret nor counts in another election.
+
+Identity: peers are configured by address, so a member *is* the address it listens on, as
+written in the others' ``peers`` (write ``listen`` the same way, since that is how a node
+introduces itself). A request names its sender's address in ``from`` and is refused, even
+correctly signed, unless that address is one of our peers: a member taken off the list, or
+another cluster that reused the secret, gets nowhere. A reply must come from the address we
+dialled and answer our request's nonce. The agent id a message carries is what the runner
+and the dashboard show; the secret is what makes it a member. Anyone holding the secret is a
+member: keep it to the election's agents.
+
+Replay: requests carry the sender's wall-clock time and a random nonce; one more than
+``MAX_SKEW`` (30 s) off our clock is refused, and so is a nonce already seen within that
+window. A replayed heartbeat would otherwise keep a follower loyal to a dead leader, and a
+replayed TimeoutNow start a second transfer campaign; terms do the rest (an older term changes
+nothing). A per-sender counter would not do: each RPC has its own connection, so messages
+legitimately overtake each other. Members' clocks must agree within 30 s. A node that just
+restarted has an empty nonce cache, so a message captured in the last 30 s can be replayed to
+it once: at worst it hears of a leader it would hear from anyway, or holds back its vote for
+one election timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import random
+import secrets
 import time
+from collections import OrderedDict
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, field_validator
+from pydantic import (
+    BeforeValidator,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agent.backends.base import Backend, BackendOptions, Lease, Lost, Misconfigured, Seat
 from agent.durations import Duration
@@ -38,6 +77,57 @@ from agent.durations import Duration
 log = logging.getLogger(__name__)
 
 MAX_LINE = 4096
+#: Requests whose timestamp is further than this (seconds) from our clock are refused.
+MAX_SKEW = 30.0
+#: Shorter secrets are refused: the secret is all that keeps strangers out.
+MIN_SECRET = 16
+#: A refused peer is logged at most this often (seconds), per peer and reason.
+COMPLAIN_EVERY = 30.0
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    """The bytes a message's MAC covers: its JSON with sorted keys and no spaces."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+class PeerAuth:
+    """Signs and checks the peer messages of one election (see the module docstring)."""
+
+    def __init__(self, secret: bytes, election: str) -> None:
+        label = b"electorate raft peers\0" + election.encode()
+        self._key = hmac.new(secret, label, hashlib.sha256).digest()
+        #: Nonces of admitted requests, oldest first, with when they may be forgotten.
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def _mac(self, body: dict[str, Any]) -> str:
+        return hmac.new(self._key, canonical(body), hashlib.sha256).hexdigest()
+
+    def seal(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with a timestamp, a nonce and the MAC over all of it."""
+        sealed = {**body, "ts": int(time.time() * 1000), "nonce": secrets.token_hex(12)}
+        sealed["mac"] = self._mac(sealed)
+        return sealed
+
+    def signed(self, message: dict[str, Any]) -> bool:
+        mac = message.get("mac")
+        body = {k: v for k, v in message.items() if k != "mac"}
+        return isinstance(mac, str) and hmac.compare_digest(mac, self._mac(body))
+
+    def fresh(self, message: dict[str, Any]) -> bool:
+        """Within the clock window and never seen before; remembers it (call last)."""
+        ts, nonce = message.get("ts"), message.get("nonce")
+        if not isinstance(ts, int) or not isinstance(nonce, str):
+            return False
+        if abs(time.time() - ts / 1000) > MAX_SKEW:
+            return False
+        now = time.monotonic()
+        while self._seen and next(iter(self._seen.values())) < now:
+            self._seen.popitem(last=False)
+        if nonce in self._seen:
+            return False
+        # Kept for two windows: by then a replay is outside the clock window anyway.
+        self._seen[nonce] = now + 2 * MAX_SKEW
+        return True
 
 
 class Peer(BackendOptions):
@@ -56,6 +146,11 @@ class RaftOptions(BackendOptions):
     election_timeout: Duration = 1.0
     no_vote: bool = False
     rpc_timeout: Duration | None = None
+    #: The secret every member of this election shares (or ``secret_file``; one is required).
+    secret: SecretStr | None = None
+    #: A file holding the secret, relative to the config file.
+    secret_file: str | None = None
+    _secret: bytes = PrivateAttr(default=b"")
 
     @field_validator("listen")
     @classmethod
@@ -64,6 +159,33 @@ class RaftOptions(BackendOptions):
 
         parse_host_port(value)
         return value
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Resolve against the config file's directory (like ``token_file``), and read it."""
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("config_dir")
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        return str(path)
+
+    @model_validator(mode="after")
+    def _load_secret(self) -> RaftOptions:
+        if self.secret_file is not None:
+            self._secret = Path(self.secret_file).read_bytes().strip()
+        elif self.secret is not None:
+            self._secret = self.secret.get_secret_value().encode()
+        return self
+
+    def shared_secret(self) -> bytes:
+        return self._secret
 
 
 class RaftBackend(Backend):
@@ -77,6 +199,17 @@ class RaftBackend(Backend):
 
         if options.heartbeat * 2 > options.election_timeout:
             return "heartbeat", "must be at most half of election_timeout"
+        if options.secret is not None and options.secret_file is not None:
+            return "secret_file", "give secret or secret_file, not both"
+        if options.secret is None and options.secret_file is None:
+            return (
+                "secret",
+                "required (or secret_file): the members of a raft election authenticate "
+                "each other with a secret they share",
+            )
+        if len(options.shared_secret()) < MIN_SECRET:
+            field = "secret" if options.secret is not None else "secret_file"
+            return field, f"the secret must be at least {MIN_SECRET} characters long"
         for i, peer in enumerate(options.peers):
             try:
                 parse_host_port(peer.address)
@@ -86,12 +219,16 @@ class RaftBackend(Backend):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        from agent.config import parse_host_port
+
         opts: RaftOptions = self.options
+        me = parse_host_port(opts.listen)
         self.node = RaftNode(
             election=self.election,
             node_id=self.agent_id,
             listen=opts.listen,
-            peers=[p for p in opts.peers if p.address != opts.listen],
+            peers=[p for p in opts.peers if parse_host_port(p.address) != me],
+            secret=opts.shared_secret(),
             heartbeat=opts.heartbeat,
             election_timeout=opts.election_timeout,
             no_vote=opts.no_vote,
@@ -161,12 +298,17 @@ class RaftNode:
         election_timeout: float,
         no_vote: bool,
         rpc_timeout: float,
+        secret: bytes,
     ) -> None:
         from agent.config import parse_host_port
 
         self.election = election
         self.id = node_id
         self.listen = parse_host_port(listen)
+        #: How this node names itself to its peers: its own entry in their ``peers``.
+        self.address = f"{self.listen[0]}:{self.listen[1]}"
+        self.auth = PeerAuth(secret, election)
+        self._complained: dict[tuple[str, str], float] = {}
         self.peers = [parse_host_port(p.address) for p in peers]
         self.peer_voter = {parse_host_port(p.address): not p.no_vote for p in peers}
         self.heartbeat = heartbeat
@@ -261,14 +403,14 @@ class RaftNode:
         for target in targets:
             # Our vote is pledged to the successor for T: no rival can count on it meanwhile.
             self.voted_at, self.voted_candidate = time.monotonic(), self.peer_ids.get(target)
-            reply = await self._rpc(target, {"type": "timeout_now", "term": term, "from": self.id})
+            reply = await self._rpc(target, {"type": "timeout_now", "term": term})
             if reply is None or reply.get("ok") or self.term != term:
                 return
 
     async def _ready_voters(self, term: int) -> list[tuple[str, int]]:
         """Voters that may campaign now: a heartbeat round, cut short by the first that says
         so (a peer that is down costs nothing), then the last regular round's."""
-        message = {"type": "append", "term": term, "leader": self.id}
+        message = {"type": "append", "term": term}
         voters = [a for a in self.peers if self.peer_voter[a]]
         calls = {asyncio.ensure_future(self._rpc(a, message)): a for a in voters}
         ready: list[tuple[str, int]] = []
@@ -366,13 +508,7 @@ class RaftNode:
             self._notify()
 
     async def _ballot(self, term: int, *, pre: bool, transfer_from: str | None) -> bool:
-        message = {
-            "type": "vote",
-            "term": term,
-            "candidate": self.id,
-            "pre": pre,
-            "transfer_from": transfer_from,
-        }
+        message = {"type": "vote", "term": term, "pre": pre, "transfer_from": transfer_from}
         replies = await asyncio.gather(*(self._rpc(a, message) for a in self.peers))
         votes = 1
         for reply in replies:
@@ -388,7 +524,7 @@ class RaftNode:
     async def _lead_round(self) -> None:
         started = time.monotonic()
         term = self.term
-        message = {"type": "append", "term": term, "leader": self.id}
+        message = {"type": "append", "term": term}
         replies = await asyncio.gather(*(self._rpc(a, message) for a in self.peers))
         if self.role != "leader" or self.term != term:
             return
@@ -419,61 +555,125 @@ class RaftNode:
     async def _rpc(
         self, address: tuple[str, int], message: dict[str, Any]
     ) -> dict[str, Any] | None:
-        message = {**message, "election": self.election}
+        request = self.auth.seal(
+            {**message, "election": self.election, "from": self.address, "id": self.id}
+        )
         writer = None
         try:
             async with asyncio.timeout(self.rpc_timeout):
                 reader, writer = await asyncio.open_connection(*address, limit=MAX_LINE)
-                writer.write(json.dumps(message).encode() + b"\n")
+                writer.write(canonical(request) + b"\n")
                 await writer.drain()
                 line = await reader.readline()
             reply = json.loads(line)
-            if isinstance(reply, dict) and isinstance(reply.get("id"), str):
-                self.peer_ids[address] = reply["id"]
-                return reply
-            return None
         except (OSError, TimeoutError, ValueError):
             return None
         finally:
             if writer is not None:
                 writer.close()
+        if not isinstance(reply, dict):
+            return None
+        problem = self._reply_problem(reply, request, address)
+        if problem is not None:
+            self._complain(f"{address[0]}:{address[1]}", problem)
+            return None
+        self.peer_ids[address] = reply["id"]
+        return reply
+
+    def _reply_problem(
+        self, reply: dict[str, Any], request: dict[str, Any], address: tuple[str, int]
+    ) -> str | None:
+        from agent.config import parse_host_port
+
+        if "error" in reply and "mac" not in reply:
+            return f"it refused our request: {reply['error']}"
+        if not self.auth.signed(reply):
+            return "its answer is not signed with our secret (is the secret the same on both?)"
+        try:
+            sender = parse_host_port(str(reply.get("from")))
+        except ValueError:
+            sender = None
+        if sender != address or reply.get("re") != request["nonce"]:
+            return "its answer does not answer our request"
+        if reply.get("election") != self.election or not isinstance(reply.get("id"), str):
+            return "its answer is malformed"
+        return None
+
+    def _request_problem(self, request: Any) -> str | None:
+        """Why a request is refused (see the module docstring), or None to handle it."""
+        from agent.config import parse_host_port
+
+        if not isinstance(request, dict):
+            return "bad request"
+        if not self.auth.signed(request):
+            return "not signed with this election's secret"
+        if request.get("election") != self.election:
+            return f"this node serves election {self.election!r}"
+        try:
+            sender = parse_host_port(str(request.get("from")))
+        except ValueError:
+            sender = None
+        if sender not in self.peer_voter or not isinstance(request.get("id"), str):
+            return "the sender is not one of this election's peers"
+        if not self.auth.fresh(request):  # last: only admitted requests use up their nonce
+            return "stale or replayed"
+        return None
+
+    def _complain(self, peer: str, problem: str) -> None:
+        """Log a refused exchange, at most once per COMPLAIN_EVERY for each peer and reason."""
+        now = time.monotonic()
+        if now - self._complained.get((peer, problem), -COMPLAIN_EVERY) >= COMPLAIN_EVERY:
+            self._complained[(peer, problem)] = now
+            log.warning("raft %s: refused an exchange with %s: %s", self.election, peer, problem)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request: Any = None
         try:
             async with asyncio.timeout(self.rpc_timeout * 2):
                 line = await reader.readline()
             request = json.loads(line)
-            reply = self._handle(request) if isinstance(request, dict) else {"error": "bad request"}
         except (ValueError, TimeoutError, asyncio.LimitOverrunError, OSError):
-            reply = {"error": "bad request"}
-        reply["id"] = self.id
-        reply.setdefault("term", self.term)
+            pass
+        problem = self._request_problem(request)
+        if problem is not None:
+            peer = writer.get_extra_info("peername")
+            self._complain(str(peer[0]) if peer else "a peer", problem)
+            reply: dict[str, Any] = {"error": problem}  # unsigned: nothing to trust in it
+        else:
+            reply = self._handle(request)
+            reply.setdefault("term", self.term)
+            reply.update(
+                election=self.election, id=self.id, re=request["nonce"], **{"from": self.address}
+            )
+            reply = self.auth.seal(reply)
         with contextlib.suppress(OSError):
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(canonical(reply) + b"\n")
             await writer.drain()
             writer.close()
 
     def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request.get("election") != self.election:
-            return {"error": f"this node serves election {self.election!r}"}
+        """An authenticated request: ``id`` names the member that sent it."""
+        from agent.config import parse_host_port
+
         term = request.get("term")
         if not isinstance(term, int):
             return {"error": "bad term"}
+        sender = request["id"]
         kind = request.get("type")
         if kind == "append":
-            return self._on_append(term, str(request.get("leader")))
+            return self._on_append(term, sender)
         if kind == "vote":
+            if not self.peer_voter[parse_host_port(request["from"])]:
+                return {"granted": False}  # no_vote members never campaign
+            transfer_from = request.get("transfer_from")
             return self._on_vote(
                 term,
-                str(request.get("candidate")),
+                sender,
                 bool(request.get("pre")),
-                request.get("transfer_from")
-                if isinstance(request.get("transfer_from"), str)
-                else None,
+                transfer_from if isinstance(transfer_from, str) else None,
             )
         if kind == "timeout_now":
-            sender = request.get("from")
-            return self._on_timeout_now(term, sender if isinstance(sender, str) else None)
+            return self._on_timeout_now(term, sender)
         return {"error": f"unknown type {kind!r}"}
 
     def _on_append(self, term: int, leader: str) -> dict[str, Any]:
