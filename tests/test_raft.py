@@ -475,3 +475,22 @@ def test_a_secret_is_required_and_secret_file_is_relative_to_the_config(tmp_path
     [parsed] = build_config(election(secret_file="s.secret"), config).elections
     assert parsed.options.shared_secret() == SECRET.encode()
     assert SECRET not in repr(build_config(election(secret=SECRET), config).elections[0])
+
+
+async def test_with_nobody_ready_the_first_member_back_in_the_race_takes_over_at_once() -> None:
+    runners = make_cluster(3, timeout="1s")
+    await start(runners)
+    try:
+        leader, _ = await settled(runners)
+        others = [r for r in runners if r is not leader]
+        for runner in others:
+            runner.hold(0.5)  # say, a switchover to a member that then went away
+        await asyncio.sleep(0.12)
+        started = time.monotonic()
+        result = await leader.step_down(hold_off=30)
+        assert result.ok, result.detail
+        took = time.monotonic() - started
+        # When the hold-offs end (0.38 s from here), not an election timeout (1-2 s) later.
+        assert 0.3 < took < 0.9, f"{result.leader} took over after {took:.2f}s"
+    finally:
+        await stop(runners)

@@ -14,7 +14,8 @@ lead. Beyond goelect:
 - leadership transfer (``TimeoutNow``): a resigning leader tells a successor to campaign at
   once, so handover takes one round trip rather than an election timeout. Followers say in
   every heartbeat ack whether they may campaign (not while their runner holds off), and the
-  leader hands over only to one that said so, asked once more as it steps down;
+  leader hands over only to one that said so, asked once more as it steps down; when none
+  can, it tells the voters the seat is free, and the first back in the race campaigns at once;
 - every RPC has its own timeout, and the leader is known even when some peers are down.
 
 Peer RPC: one JSON line each way over TCP, authenticated. The fencing token is the term.
@@ -388,8 +389,10 @@ class RaftNode:
         not), fastest first, then those that said so in the last regular round. A candidate
         that refuses TimeoutNow is followed by the next; one that does not answer is not:
         the message may have arrived and the candidate be campaigning, and a second transfer
-        campaign would bump the term and depose it. With no candidate, or after a silent one,
-        the others elect a leader after their election timeout.
+        campaign would bump the term and depose it. After a silent one the others elect a
+        leader after their election timeout. When nobody can take over now (all hold off, or
+        refused), the voters are told the seat is free, so that the first whose hold-off ends
+        campaigns at once rather than an election timeout later.
         """
         if self.role != "leader":
             return
@@ -406,6 +409,10 @@ class RaftNode:
             reply = await self._rpc(target, {"type": "timeout_now", "term": term})
             if reply is None or reply.get("ok") or self.term != term:
                 return
+        # Nobody took the seat: there is no lease left to back, so no vote stays pledged.
+        self.voted_at, self.voted_candidate = -1e9, None
+        voters = [a for a in self.peers if self.peer_voter[a]]
+        await asyncio.gather(*(self._rpc(a, {"type": "resigned", "term": term}) for a in voters))
 
     async def _ready_voters(self, term: int) -> list[tuple[str, int]]:
         """Voters that may campaign now: a heartbeat round, cut short by the first that says
@@ -674,6 +681,8 @@ class RaftNode:
             )
         if kind == "timeout_now":
             return self._on_timeout_now(term, sender)
+        if kind == "resigned":
+            return self._on_resigned(term, sender)
         return {"error": f"unknown type {kind!r}"}
 
     def _on_append(self, term: int, leader: str) -> dict[str, Any]:
@@ -715,6 +724,19 @@ class RaftNode:
             self._reset_deadline()
             return {"granted": True}
         return {"granted": False}  # one vote per term
+
+    def _on_resigned(self, term: int, leader: str) -> dict[str, Any]:
+        """The leader we follow gave the seat up with nobody to take it: no stickiness to
+        honour, no vote pledged to it, and our election timeout is over, so we campaign
+        once we may."""
+        if term != self.term or self.role != "follower" or leader != self.leader_id:
+            return {"ok": False}
+        self.leader_id, self.last_heard, self._deadline = None, -1e9, time.monotonic()
+        if self.voted_candidate == leader:  # its lease, which our vote backed, is given up
+            self.voted_at = -1e9
+        self._kick.set()
+        self._notify()
+        return {"ok": True}
 
     def _may_campaign(self) -> bool:
         return self.eligible and not self.no_vote
