@@ -219,7 +219,10 @@ def build_config(raw: dict[str, Any], path: Path) -> AgentConfig:
         except KeyError as exc:
             raise ConfigError(path, f"{prefix}.backend", str(exc.args[0])) from None
         try:
-            options = cls.Options.model_validate(section.backend_options)
+            # Backend options resolve relative paths (secret_file) against the config file.
+            options = cls.Options.model_validate(
+                section.backend_options, context={"config_dir": base}
+            )
         except ValidationError as exc:
             raise ConfigError(path, *_first_error(exc, prefix)) from None
         problem = cls.check_options(options, section.ttl)

@@ -44,6 +44,11 @@ CALLBACK_TIMEOUT = 5.0
 RENEW_RETRY = 0.2
 
 
+def _revoked_why(lease: Lease) -> str:
+    reason = lease.revocation.reason if lease.revocation else None
+    return reason or "the backend revoked the lease"
+
+
 @dataclass(frozen=True)
 class Transition:
     """A change of this agent's state in one election, as sent to the dashboard."""
@@ -134,12 +139,18 @@ class ElectionRunner:
     def is_leader(self) -> bool:
         """True only while this agent holds a lease it can prove."""
         lease = self._lease
-        return lease is not None and time.monotonic() < lease.expires - SAFETY_MARGIN
+        return (
+            lease is not None
+            and not lease.revoked
+            and time.monotonic() < lease.expires - SAFETY_MARGIN
+        )
 
     def ttl_left(self) -> float | None:
         lease = self._lease
         if lease is None:
             return None
+        if lease.revoked:
+            return 0.0
         return max(0.0, lease.expires - time.monotonic())
 
     async def start(self) -> None:
@@ -187,6 +198,7 @@ class ElectionRunner:
     def hold(self, seconds: float) -> None:
         """Stay out of the race for ``seconds`` (so that a chosen successor wins)."""
         self._hold_off_until = max(self._hold_off_until, time.monotonic() + seconds)
+        self.backend.hold()
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[ElectionRunner], bool], timeout: float) -> bool:
@@ -257,7 +269,8 @@ class ElectionRunner:
             lease = await self._call(self.backend.campaign(), self.config.ttl)
             # A lease already inside the safety margin proves nothing: announcing it would
             # fire won and lost back to back (a Raft leader that lost quorum did so ~100x).
-            if isinstance(lease, Lease) and lease.expires - SAFETY_MARGIN > time.monotonic():
+            fresh = isinstance(lease, Lease) and not lease.revoked
+            if fresh and lease.expires - SAFETY_MARGIN > time.monotonic():
                 await self._won(lease)
                 return
         seat = await self._call(self.backend.observe(), self.config.ttl)
@@ -286,7 +299,12 @@ class ElectionRunner:
         # request must not cost a healthy leader its lease.
         interval = RENEW_RETRY if self._renew_failing else self.backend.renew_interval
         wake = min(time.monotonic() + interval, deadline)
-        request = await self._next_request(wake - time.monotonic())
+        request = await self._next_request(wake - time.monotonic(), lease)
+        if lease.revoked:
+            if request is not None:
+                self._requests.put_nowait(request)  # answered as a follower
+            await self._demote("lost", _revoked_why(lease))
+            return
         if request is not None:
             await self._handle_request(request, lease)
             return
@@ -312,6 +330,8 @@ class ElectionRunner:
         self._lease = new
         self.token = new.token
         self._changed.set()
+        if new.revoked:  # revoked while the renewal was on its way
+            await self._demote("lost", _revoked_why(new))
 
     async def _handle_request(self, request: _Request, lease: Lease) -> None:
         reason = "forced" if request.forced else "resigned"
@@ -367,13 +387,16 @@ class ElectionRunner:
             self.error = f"backend unavailable: {exc or type(exc).__name__}"
             return None
 
-    async def _next_request(self, timeout: float) -> _Request | None:
-        """Wait up to ``timeout`` for a step-down request or stop; return the request if any."""
-        if timeout > 0:
+    async def _next_request(self, timeout: float, lease: Lease) -> _Request | None:
+        """Wait up to ``timeout`` for a step-down request, stop or the lease's revocation;
+        return the request if any."""
+        if timeout > 0 and not lease.revoked:
             getter = asyncio.ensure_future(self._requests.get())
-            stopper = asyncio.ensure_future(self._stopping.wait())
+            waiters = {getter, asyncio.ensure_future(self._stopping.wait())}
+            if lease.revocation is not None:
+                waiters.add(asyncio.ensure_future(lease.revocation.wait()))
             done, pending = await asyncio.wait(
-                {getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             for task in pending:
                 task.cancel()

@@ -6,6 +6,7 @@ Used by ``manage.py demo`` and by the end-to-end tests, so both run the same fle
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,9 +38,17 @@ def write_fleet(
     *,
     heartbeat: str = "1s",
 ) -> list[DemoAgent]:
-    """Write one TOML config and token file per agent; ``ports`` needs 3 + 3*3 free ports."""
+    """Write one TOML config and token file per agent, and one secret file per election;
+    ``ports`` needs 3 + 3*3 free ports."""
     directory.mkdir(parents=True, exist_ok=True)
     health_ports, raft_ports = ports[: len(AGENTS)], ports[len(AGENTS) :]
+    # One shared secret per election: the raft members authenticate each other with it.
+    secret_files = {}
+    for name, _, _ in ELECTIONS:
+        secret_file = directory / f"{name.replace('/', '-')}.secret"
+        secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+        secret_file.chmod(0o600)
+        secret_files[name] = secret_file.name
     agents = []
     for i, agent_id in enumerate(AGENTS):
         token_file = directory / f"{agent_id}.token"
@@ -70,6 +79,7 @@ def write_fleet(
                 f"labels = {{ {label_text} }}",
                 f'listen = "127.0.0.1:{addresses[i]}"',
                 f"peers = [{peers}]",
+                f'secret_file = "{secret_files[name]}"',
                 'heartbeat = "150ms"',
                 'election_timeout = "700ms"',
                 f"no_vote = {str(i in no_vote).lower()}",

@@ -34,6 +34,7 @@ ttl = "1s"
 listen = "127.0.0.1:{raft}"
 heartbeat = "50ms"
 election_timeout = "200ms"
+secret = "agent-cli-test-secret"
 """
 
 

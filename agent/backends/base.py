@@ -8,24 +8,57 @@ Leadership is a ``Lease``: a fencing token and a ``time.monotonic()`` deadline u
 backend can *prove* this agent holds the seat. Compute the deadline from the moment the
 request that proved it was *sent* (PD's rule), never from when the answer arrived, so that the
 agent demotes itself before the server can hand the seat to someone else.
+
+A backend that can learn *between* renewals that the seat is gone (an etcd watch on its own
+key) gives its leases a ``Revocation`` and calls ``revoke()`` on it: ``is_leader()`` turns false
+at that instant, and the runner demotes without waiting for the next renewal.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
+class Revocation:
+    """A one-shot signal from a backend: the seat a lease proves is gone, and why."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._event = asyncio.Event()
+
+    @property
+    def revoked(self) -> bool:
+        return self.reason is not None
+
+    def revoke(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 @dataclass(frozen=True)
 class Lease:
-    """Proof of leadership: ``token`` is the fencing token, valid until ``expires`` (monotonic)."""
+    """Proof of leadership: ``token`` is the fencing token, valid until ``expires`` (monotonic).
+
+    ``revocation``, when the backend gives one, cuts the lease short the moment the backend
+    learns on its own that the seat is gone; renewals of one term share it.
+    """
 
     token: int
     expires: float
+    revocation: Revocation | None = field(default=None, compare=False)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revocation is not None and self.revocation.revoked
 
 
 @dataclass(frozen=True)
@@ -63,7 +96,11 @@ Text = Annotated[str, AfterValidator(_not_blank)]
 
 
 class BackendOptions(BaseModel):
-    """Base for each backend's options; unknown options are an error."""
+    """Base for each backend's options; unknown options are an error.
+
+    The agent validates them with the context ``{"config_dir": <the config file's directory>}``
+    so that a validator can resolve a relative path the way ``token_file`` is resolved.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -116,6 +153,11 @@ class Backend(ABC):
     @abstractmethod
     async def observe(self) -> Seat:
         """Read who holds the seat now."""
+
+    def hold(self) -> None:  # noqa: B027 - optional hook
+        """The runner stays out of the race (a step-down, a switchover to another agent, the
+        flap damper) until it calls ``campaign()`` again. A backend whose members campaign or
+        accept a handover by themselves (Raft) must not do so meanwhile."""
 
     async def wait_for_change(self, timeout: float) -> None:
         """Return when the seat may have changed, or after ``timeout`` seconds."""

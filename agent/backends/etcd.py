@@ -1,23 +1,70 @@
-"""Leader election on etcd v3, the way TiKV PD's ``Leadership`` does it.
+"""Leader election on etcd v3, the way TiKV PD's ``Leadership`` does it, made safe against a
+seat removed behind the leader's back.
 
-- Campaign: grant a lease of TTL seconds, then one transaction puts the leader key with that
-  lease only if the key's create revision is 0 (the key does not exist). The value is JSON
-  naming the agent, so ``etcdctl get KEY`` shows who leads.
-- Renew: a lease keep-alive every TTL/3. The local lease runs from the moment the keep-alive
-  was *sent* plus TTL; etcd restarts its own countdown when it *receives* the request and its
-  granted TTL is never shorter than ours (we ask for TTL rounded up), so the agent demotes
-  before etcd can expire the lease and let another agent create the key.
-- Lost: the keep-alive says the lease is gone (TTL <= 0: revoked or expired), or the key no
-  longer carries our lease. Transport errors are Unavailable: the runner retries within what
-  is left of the lease.
-- Followers watch the key from the revision they last read, so a resign (the key deleted) or
-  an expiry wakes them at once.
-- Resign: delete the key only if its mod revision is still the one we wrote (a transaction),
-  then revoke the lease.
-- Fencing token: the key's create revision: constant during a term, larger in every later one.
+Two keys, read and watched together as the range ``[KEY, KEY + "\\1")``:
+
+- the **seat** ``KEY``, attached to the holder's etcd lease; its value is JSON naming the
+  agent, so ``etcdctl get KEY`` shows who leads;
+- the **record** ``KEY + "\\0holder"``, without a lease, so it outlives the seat: who held the
+  seat last, with which TTL, and whether they resigned. Every renewal rewrites it, so its mod
+  revision marks the holder's last renewal.
+
+- Campaign: grant a lease of TTL seconds, then one transaction creates the seat with that
+  lease (only if its create revision is 0) and writes the record ``leading`` (only if the
+  record is still the version the decision to campaign was based on).
+- Renew: a lease keep-alive every TTL/3, then a transaction that rewrites the record only while
+  the seat is still the one we created (create and mod revision = our token). The local lease
+  runs from the moment the keep-alive was *sent* plus TTL; etcd restarts its own countdown when
+  it *receives* the request and grants at least our TTL (we ask for TTL rounded up), so the
+  agent demotes before etcd can expire the lease. Only a renewal whose record write succeeded
+  extends the lease (see below why).
+- Lost: the keep-alive says the lease is gone, the seat is no longer ours, or the leader's own
+  watch saw the seat deleted or rewritten. Transport errors are Unavailable: the runner retries
+  within what is left of the lease.
+- Resign: one transaction deletes the seat and marks the record ``resigned`` (only if the seat
+  is still ours), then the lease is revoked.
+- Fencing token: the seat's create revision: constant during a term, larger in every later one.
+
+A seat removed behind the leader's back
+---------------------------------------
+Whatever removes the seat (a resign, the lease expiring, ``etcdctl lease revoke``, ``etcdctl
+del``) sends every watcher the same DELETE, and a follower can win within milliseconds. Two
+rules keep that from making two leaders:
+
+1. The leader watches its own seat and revokes its lease locally (``Lease.revocation``) the
+   moment the seat is deleted or rewritten: ``is_leader()`` turns false at once, not at the
+   next keep-alive up to TTL/3 later.
+2. That is still a race, and a leader cut off from etcd hears nothing at all. So a follower
+   that finds the seat empty claims it only once every earlier holder's lease has surely run
+   out, judged from the record:
+
+   - the record says ``resigned``: at once (a leader stands down before it resigns);
+   - no record, and this agent has seen no holder since it started: at once (a new seat);
+   - otherwise at ``seen + TTL``, where ``seen`` is when this agent first saw the record's
+     current version (with no record: first saw it missing) and TTL the larger of ours and the
+     holder's. Every extension of a holder's lease was sent before a record write that is no
+     newer than that version, so no lease runs past ``seen + TTL``. The campaign transaction
+     checks the record is still that version.
+
+   When the lease expired by itself (a killed leader), etcd deleted the seat no earlier than
+   TTL after the last keep-alive, and a watching follower saw that renewal's record write
+   milliseconds after it was sent: the wait is already over, so a killed leader is replaced
+   within TTL (plus etcd's expiry sweep, up to 0.5 s) as before. After a revoke or a delete
+   the winner waits up to TTL, with nobody leading meanwhile, as PostgreSQL's winner waits out
+   a predecessor that did not resign. An agent that starts while the record names a holder
+   that did not resign waits a whole TTL.
+
+Why not bound the old lease with ``LeaseTimeToLive`` instead: etcd reports whole seconds,
+rounded down, so a follower could place the holder's expiry only within a second (a killed
+leader would no longer be replaced within TTL + 1 s), and any keep-alive after the follower's
+last query moves the expiry past the bound it took. The record costs one small write (and one
+revision) per renewal: run etcd with auto-compaction on.
+
+Followers watch the range from the revision they last read: a record write (a renewal) is
+noted without waking the runner, a change of the seat wakes it.
 
 Several endpoints may be given; on a transport error the next call goes to the next one (the
-lease and the key live in the cluster, not on one member). TLS is not supported by the client.
+lease and the keys live in the cluster, not on one member). TLS is not supported by the client.
 """
 
 from __future__ import annotations
@@ -43,6 +90,7 @@ from agent.backends.base import (
     Lease,
     Lost,
     Misconfigured,
+    Revocation,
     Seat,
     Text,
     Unavailable,
@@ -57,6 +105,8 @@ CHANNEL_OPTIONS = {
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
 }
+#: How soon the leader's own watch is set up again after it broke (renewals guard meanwhile).
+GUARD_RETRY = 0.2
 
 
 def parse_endpoint(value: str) -> tuple[str, int]:
@@ -89,6 +139,14 @@ class EtcdOptions(BackendOptions):
         return value
 
 
+def _json(value: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class EtcdBackend(Backend):
     name = "etcd"
     Options = EtcdOptions
@@ -98,16 +156,29 @@ class EtcdBackend(Backend):
         super().__init__(**kwargs)
         opts: EtcdOptions = self.options
         self.key = (opts.key or f"/electorate/{self.election}").encode()
+        #: The record beside the seat; NUL keeps it inside [key, key + 1) and off any real key.
+        self.record_key = self.key + b"\0holder"
+        self._range_end = self.key + b"\1"
         self._endpoints = [parse_endpoint(e) for e in opts.endpoints]
         self._endpoint = 0
         self._client: aetcd.Client | None = None
         #: Per-call deadline for the client; the runner bounds calls by the lease as well.
         self._timeout = max(1.0, min(5.0, self.ttl))
-        #: The etcd lease behind our seat, and the mod revision of the key we wrote.
+        #: The etcd lease behind our seat, the term's revocation and the watch that fires it.
         self._lease_id: int | None = None
-        self._mod_revision = 0
+        self._revocation: Revocation | None = None
+        self._guard_task: asyncio.Task[None] | None = None
         #: Watch from here: one past the oldest revision read since the last wait.
         self._watch_from: int | None = None
+        #: The newest record version seen, and when it was first seen (monotonic).
+        self._seen_mod = 0
+        self._seen_at = 0.0
+        #: When the record was first seen missing after a holder had been seen.
+        self._missing_since: float | None = None
+        #: A seat or a record has been seen since this agent started.
+        self._seen_holder = False
+        #: Not claiming an empty seat before then: an earlier holder's lease may still run.
+        self._pending_until: float | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -134,24 +205,78 @@ class EtcdBackend(Backend):
             raise Misconfigured(f"etcd refused {what}: {exc}") from None
         except (etcd_errors.ClientError, OSError) as exc:
             if len(self._endpoints) > 1:
-                # The lease and the key live in the cluster: carry on with the next member.
+                # The lease and the keys live in the cluster: carry on with the next member.
                 self._endpoint = (self._endpoint + 1) % len(self._endpoints)
                 await self._drop_client()
             raise Unavailable(f"etcd {what}: {exc or type(exc).__name__}") from None
+
+    # -- what this agent has seen -----------------------------------------------------------
 
     def _seen(self, revision: int) -> None:
         start = revision + 1
         self._watch_from = start if self._watch_from is None else min(self._watch_from, start)
 
-    async def _read(self, what: str) -> tuple[Any, int]:
-        """The leader key (or None) and the store revision of the read."""
+    def _note(self, seat: Any, record: Any) -> None:
+        """Remember when each record version was first seen (after etcd applied it)."""
+        if seat is not None or record is not None:
+            self._seen_holder = True
+        if record is None:
+            if seat is not None:
+                # A seat without a record (written by hand, or by an older agent): its
+                # renewals cannot be seen, so the wait counts from when it is gone.
+                self._missing_since = None
+            elif self._seen_holder and self._missing_since is None:
+                self._missing_since = time.monotonic()
+            return
+        self._missing_since = None
+        if record.mod_revision > self._seen_mod:
+            self._seen_mod, self._seen_at = record.mod_revision, time.monotonic()
+
+    def _split(self, kvs: Any) -> tuple[Any, Any]:
+        seat = record = None
+        for kv in kvs:
+            if kv.key == self.key:
+                seat = kv
+            elif kv.key == self.record_key:
+                record = kv
+        return seat, record
+
+    async def _read(self, what: str) -> tuple[Any, Any]:
+        """The seat and the record (each None when absent), noted as seen."""
         client = self._connection()
         async with self._translate(what):
-            result = await client.get_range(self.key, self.key + b"\0")
+            result = await client.get_range(self.key, self._range_end)
         self._seen(result.header.revision)
-        return (result[0] if result.count else None), result.header.revision
+        seat, record = self._split(result)
+        self._note(seat, record)
+        return seat, record
 
-    def _value(self, lease_id: int) -> bytes:
+    def _from_txn(self, responses: list[Any]) -> tuple[Any, Any, int | None]:
+        """The seat, the record and the revision from a transaction's closing range read."""
+        items = responses[-1] if responses else []
+        seat, record = self._split(kv for _, kv in items)
+        revision = items[0][1].header.revision if items else None
+        self._note(seat, record)
+        return seat, record, revision
+
+    def _takeover_at(self, record: Any) -> float:
+        """When an empty seat may be claimed: once every earlier holder's lease has run out."""
+        if record is None:
+            if not self._seen_holder or self._missing_since is None:
+                return 0.0  # nobody has held this seat
+            return self._missing_since + self.ttl
+        info = _json(record.value)
+        if info.get("state") == "resigned":
+            return 0.0
+        try:
+            ttl = max(self.ttl, float(info.get("ttl", 0)))
+        except (TypeError, ValueError):
+            ttl = self.ttl
+        return self._seen_at + ttl
+
+    # -- values -----------------------------------------------------------------------------
+
+    def _seat_value(self, lease_id: int) -> bytes:
         return json.dumps(
             {
                 "agent": self.agent_id,
@@ -161,10 +286,81 @@ class EtcdBackend(Backend):
             }
         ).encode()
 
+    def _record_value(self, lease_id: int, state: str) -> bytes:
+        return json.dumps(
+            {"agent": self.agent_id, "lease": f"{lease_id:x}", "ttl": self.ttl, "state": state}
+        ).encode()
+
     async def _revoke_quietly(self, lease_id: int) -> None:
         # Best effort: an unrevoked lease expires by itself after TTL.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._connection().revoke_lease(lease_id), self._timeout)
+
+    # -- the leader's watch on its own seat -------------------------------------------------
+
+    def _gone(self, event: Any, token: int, lease_id: int) -> str | None:
+        """Why this event means the seat is no longer ours, or None."""
+        kv = event.kv
+        if kv.key == self.key:
+            if event.kind == "DELETE":
+                return f"the leader key was deleted (revision {kv.mod_revision})"
+            if kv.create_revision != token or kv.lease != lease_id:
+                return f"the leader key was rewritten (revision {kv.mod_revision})"
+            return None
+        ours = _json(kv.value).get("lease") == f"{lease_id:x}"
+        if kv.key == self.record_key and event.kind == "PUT" and not ours:
+            return f"another agent wrote the record (revision {kv.mod_revision})"
+        return None
+
+    async def _guard(self, token: int, lease_id: int, start: int, revocation: Revocation) -> None:
+        """Watch our own seat from ``start``; revoke the lease the moment it is gone."""
+        while not revocation.revoked:
+            try:
+                watch = await self._connection().watch(
+                    self.key, range_end=self._range_end, start_revision=start
+                )
+                try:
+                    async for event in watch:
+                        start = event.kv.mod_revision + 1
+                        why = self._gone(event, token, lease_id)
+                        if why is not None:
+                            log.info("election %s: %s; standing down", self.election, why)
+                            revocation.revoke(why)
+                            return
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(watch.cancel(), 1.0)
+            except etcd_errors.RevisionCompactedError:
+                # The events since `start` are gone: read where we stand and go on from there.
+                with contextlib.suppress(etcd_errors.ClientError, OSError, TimeoutError):
+                    client = self._connection()
+                    result = await asyncio.wait_for(
+                        client.get_range(self.key, self._range_end), self._timeout
+                    )
+                    seat, _ = self._split(result)
+                    if seat is None or seat.create_revision != token or seat.lease != lease_id:
+                        revocation.revoke("the leader key is gone (seen after a compaction)")
+                        return
+                    start = result.header.revision + 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the renewals still guard the lease meanwhile
+                log.debug("election %s: own watch broke: %s", self.election, exc)
+            await asyncio.sleep(GUARD_RETRY)
+
+    async def _stop_guard(self) -> None:
+        task, self._guard_task = self._guard_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _abandon(self) -> None:
+        """Drop what is left of an earlier term of ours (its seat was taken away)."""
+        await self._stop_guard()
+        lease_id, self._lease_id = self._lease_id, None
+        if lease_id is not None:
+            await self._revoke_quietly(lease_id)
 
     # -- the interface ----------------------------------------------------------------------
 
@@ -172,9 +368,29 @@ class EtcdBackend(Backend):
         await self._read("read")
 
     async def campaign(self) -> Lease | None:
-        current, _ = await self._read("read")
-        if current is not None:
+        await self._abandon()
+        seat, record = await self._read("read")
+        if seat is not None:
+            self._pending_until = None
             return None
+        now = time.monotonic()
+        at = self._takeover_at(record)
+        if now < at:
+            if self._pending_until is None:
+                holder = _json(record.value).get("agent") if record is not None else "unknown"
+                log.info(
+                    "election %s: %s left the seat without resigning; waiting %.2fs for its "
+                    "lease to run out before campaigning",
+                    self.election,
+                    holder,
+                    at - now,
+                )
+            self._pending_until = at
+            return None
+        self._pending_until = None
+        return await self._take(record.mod_revision if record is not None else 0)
+
+    async def _take(self, record_mod: int) -> Lease | None:
         client = self._connection()
         sent = time.monotonic()
         async with self._translate("lease grant"):
@@ -187,26 +403,31 @@ class EtcdBackend(Backend):
         try:
             async with self._translate("campaign"):
                 won, responses = await client.transaction(
-                    compare=[tx.create(self.key) == 0],
+                    compare=[tx.create(self.key) == 0, tx.mod(self.record_key) == record_mod],
                     success=[
-                        tx.put(self.key, self._value(granted.id), lease=granted.id),
-                        tx.get(self.key),
+                        tx.put(self.key, self._seat_value(granted.id), lease=granted.id),
+                        tx.put(self.record_key, self._record_value(granted.id, "leading")),
+                        tx.get(self.key, self._range_end),
                     ],
-                    failure=[tx.get(self.key)],
+                    failure=[tx.get(self.key, self._range_end)],
                 )
         except Unavailable:
             # The put may or may not have been applied: revoking the lease undoes it either way.
             await self._revoke_quietly(granted.id)
             raise
-        if not won:
+        seat, _, revision = self._from_txn(responses)
+        if revision is not None:
+            self._seen(revision)
+        if not won or seat is None or revision is None:
             await self._revoke_quietly(granted.id)
-            for _, kv in responses[0]:
-                self._seen(kv.header.revision)
             return None
-        _, kv = responses[1][0]
         self._lease_id = granted.id
-        self._mod_revision = kv.mod_revision
-        return Lease(token=kv.create_revision, expires=expires)
+        self._revocation = revocation = Revocation()
+        self._guard_task = asyncio.create_task(
+            self._guard(seat.create_revision, granted.id, revision + 1, revocation),
+            name=f"etcd guard {self.election}",
+        )
+        return Lease(token=seat.create_revision, expires=expires, revocation=revocation)
 
     async def renew(self, lease: Lease) -> Lease:
         lease_id = self._lease_id
@@ -219,68 +440,90 @@ class EtcdBackend(Backend):
         if reply is None:
             raise Unavailable("etcd keep-alive stream ended without an answer")
         if reply.TTL <= 0:
-            self._lease_id = None
+            await self._abandon()
             raise Lost("the etcd lease was revoked or has expired")
-        kv, _ = await self._read("read")
-        if kv is None or kv.lease != lease_id or kv.create_revision != lease.token:
-            self._lease_id = None
-            await self._revoke_quietly(lease_id)
+        tx = client.transactions
+        async with self._translate("renew"):
+            # The record write is what lets a follower bound this extension (module docstring).
+            ours, responses = await client.transaction(
+                compare=[tx.create(self.key) == lease.token, tx.mod(self.key) == lease.token],
+                success=[
+                    tx.put(self.record_key, self._record_value(lease_id, "leading")),
+                    tx.get(self.key, self._range_end),
+                ],
+                failure=[tx.get(self.key, self._range_end)],
+            )
+        self._from_txn(responses)
+        if not ours:
+            await self._abandon()
             raise Lost("the leader key no longer carries our lease")
-        self._mod_revision = kv.mod_revision
-        return Lease(token=lease.token, expires=sent + min(self.ttl, float(reply.TTL)))
+        return Lease(lease.token, sent + min(self.ttl, float(reply.TTL)), self._revocation)
 
     async def resign(self, lease: Lease) -> None:
+        await self._stop_guard()
         lease_id, self._lease_id = self._lease_id, None
         client = self._connection()
         tx = client.transactions
         try:
-            async with self._translate("resign"):
-                await client.transaction(
-                    compare=[tx.mod(self.key) == self._mod_revision],
-                    success=[tx.delete(self.key)],
-                    failure=[],
-                )
+            if lease_id is not None:
+                async with self._translate("resign"):
+                    await client.transaction(
+                        compare=[
+                            tx.create(self.key) == lease.token,
+                            tx.mod(self.key) == lease.token,
+                        ],
+                        success=[
+                            tx.delete(self.key),
+                            tx.put(self.record_key, self._record_value(lease_id, "resigned")),
+                        ],
+                        failure=[],
+                    )
         finally:
             if lease_id is not None:
                 async with self._translate("lease revoke"):
                     await client.revoke_lease(lease_id)
 
     async def observe(self) -> Seat:
-        kv, _ = await self._read("read")
-        if kv is None:
+        seat, _ = await self._read("read")
+        if seat is None:
             return Seat()
-        try:
-            leader = str(json.loads(kv.value)["agent"])
-        except (ValueError, KeyError, TypeError):
-            leader = kv.value.decode(errors="replace")
-        return Seat(leader=leader, token=kv.create_revision)
+        leader = _json(seat.value).get("agent")
+        if not isinstance(leader, str):
+            leader = seat.value.decode(errors="replace")
+        return Seat(leader=leader, token=seat.create_revision)
 
     async def wait_for_change(self, timeout: float) -> None:
-        """Watch the key from the revision read last; return on its next event."""
+        """Watch from the revision read last; return when the seat changes (renewals, which
+        only rewrite the record, are noted on the way) or when an empty seat may be claimed."""
         start, self._watch_from = self._watch_from, None
         deadline = time.monotonic() + timeout
+        if self._pending_until is not None:
+            deadline = min(deadline, self._pending_until)
         client = self._connection()
         try:
-            event = await asyncio.wait_for(
-                client.watch_once(self.key, timeout=timeout, start_revision=start),
-                timeout=timeout,
-            )
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                watch = await client.watch(
+                    self.key, range_end=self._range_end, start_revision=start
+                )
+                try:
+                    async for event in watch:
+                        if event.kv.key == self.record_key and event.kind == "PUT":
+                            self._note(None, event.kv)
+                            continue
+                        return
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(watch.cancel(), 1.0)
         except (TimeoutError, etcd_errors.WatchTimeoutError):
             return
         except etcd_errors.RevisionCompactedError:
             return  # that history is gone: the seat may have changed, read it again
         except (etcd_errors.ClientError, OSError) as exc:
-            event = exc
-        if isinstance(event, etcd_errors.RevisionCompactedError):
-            return
-        if event is None or isinstance(event, Exception):
             # The watch could not start or its stream broke: never spin on it, wait out the
             # rest of the timeout as a plain poll.
-            log.debug("election %s: etcd watch failed: %s", self.election, event)
+            log.debug("election %s: etcd watch failed: %s", self.election, exc)
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
     async def close(self) -> None:
-        lease_id, self._lease_id = self._lease_id, None
-        if lease_id is not None:
-            await self._revoke_quietly(lease_id)
+        await self._abandon()
         await self._drop_client()

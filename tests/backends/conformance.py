@@ -359,11 +359,16 @@ class AgentProcess:
 
     async def seen_leader(self) -> str | None:
         """Who this agent believes leads the election (from ``GET /health``)."""
+        state = await self.state()
+        return None if state is None else state.get("leader")
+
+    async def state(self) -> dict[str, Any] | None:
+        """This agent's view of the election (from ``GET /health``), or None."""
         reply = await http_get(self.health_port, "/health", 0.5)
         if reply is None or reply[0] != 200:
             return None
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            return json.loads(reply[1])["elections"][self.election]["leader"]
+            return dict(json.loads(reply[1])["elections"][self.election])
         return None
 
     def send(self, sig: int) -> None:
@@ -455,3 +460,55 @@ class Cluster:
                 agent.proc.kill()
                 agent.proc.wait()
         await self.target.cleanup(self.election)
+
+
+class HealthSampler:
+    """Asks every agent's health endpoint whether it leads, every ``interval`` seconds.
+
+    A round sends all requests at once; a round in which two agents answered 200 is an overlap.
+    Consecutive overlapping rounds form one span, reported as (first, last, agents), so a
+    failure says for how long two agents claimed the seat.
+    """
+
+    def __init__(self, agents: list[AgentProcess], interval: float = 0.02) -> None:
+        self.agents = agents
+        self.interval = interval
+        self.rounds = 0
+        #: (monotonic time the round was sent, ids of the agents that answered 200)
+        self.history: list[tuple[float, tuple[str, ...]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            sent = time.monotonic()
+            answers = await asyncio.gather(*(a.leading() for a in self.agents))
+            self.rounds += 1
+            leading = tuple(a.id for a, yes in zip(self.agents, answers, strict=True) if yes)
+            self.history.append((sent, leading))
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - sent)))
+
+    def leaders_since(self, since: float) -> list[tuple[str, ...]]:
+        return [leading for at, leading in self.history if at >= since and leading]
+
+    def overlaps(self) -> list[tuple[float, float, tuple[str, ...]]]:
+        spans: list[tuple[float, float, tuple[str, ...]]] = []
+        current: tuple[float, float, tuple[str, ...]] | None = None
+        for at, leading in self.history:
+            if len(leading) > 1:
+                current = (current[0], at, leading) if current else (at, at, leading)
+            elif current is not None:
+                spans.append(current)
+                current = None
+        if current is not None:
+            spans.append(current)
+        return spans
+
+    async def __aenter__(self) -> HealthSampler:
+        self._task = asyncio.create_task(self._run(), name="health sampler")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
 from typing import TYPE_CHECKING, Any
 
 from tests.helpers import free_port
@@ -29,3 +32,31 @@ async def cut_off(runner: ElectionRunner, server: str | None) -> None:
     backend._endpoints = [("127.0.0.1", free_port())]  # type: ignore[attr-defined]
     backend._endpoint = 0  # type: ignore[attr-defined]
     await backend._drop_client()  # type: ignore[attr-defined]
+
+
+async def remove_seat(server: str | None, election: str) -> None:
+    """Revoke the leader's etcd lease with ``etcdctl``, as an operator would: etcd deletes the
+    key at once, which wakes every watching follower, while the leader hears of it only when
+    it next asks."""
+    assert server is not None
+    key = options(server, election, 0, 1)["key"]
+    value = await etcdctl(server, "get", key, "--print-value-only")
+    lease = json.loads(value)["lease"]
+    await etcdctl(server, "lease", "revoke", lease)
+
+
+async def etcdctl(server: str, *args: str) -> str:
+    binary = shutil.which("etcdctl")
+    assert binary, "etcdctl is not installed (Debian's etcd-client)"
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "--endpoints",
+        server,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=10)
+    assert proc.returncode == 0, f"etcdctl {' '.join(args)}: {err.decode()}"
+    return out.decode()

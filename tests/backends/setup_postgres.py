@@ -54,3 +54,19 @@ async def cleanup(server: str | None, election: str) -> None:
         server, autocommit=True, connect_timeout=5
     ) as conn:
         await conn.execute("DELETE FROM electorate_fencing WHERE election = %s", [election])
+
+
+async def remove_seat(server: str | None, election: str) -> None:
+    """Terminate the leader's session from outside, as an admin's ``pg_terminate_backend``
+    would: the server frees its lock at once, and the leader hears of it only at its next
+    check."""
+    assert server is not None
+    async with await psycopg.AsyncConnection.connect(
+        server, autocommit=True, connect_timeout=5
+    ) as conn:
+        cur = await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM electorate_fencing "
+            "WHERE election = %s AND pid IS NOT NULL",
+            [election],
+        )
+        assert await cur.fetchone(), f"no leader session recorded for {election}"

@@ -27,6 +27,7 @@ def options(server: str | None, election: str, index: int, n: int) -> dict[str, 
         "peers": [f"127.0.0.1:{port}" for port in ports],
         "heartbeat": "100ms",
         "election_timeout": "400ms",
+        "secret": f"conformance secret of {election}",
     }
 
 

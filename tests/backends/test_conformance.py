@@ -4,17 +4,22 @@ A backend plugs in with ``tests/backends/setup_<name>.py`` exporting ``SERVER_FI
 session fixture giving its server URL, or None), ``TTL`` (short, for tests), ``options(server,
 election, index, n)`` (the ``[[election]]`` options of agent ``index`` of ``n``, unique per
 election name) and ``async cut_off(runner, server)`` (make that runner lose its backend the hard
-way). A missing setup module is a failing test, never a skip.
+way). A backend whose seat lives in a server may also export ``async remove_seat(server,
+election)``: take the seat away from whoever holds it, from outside and behind its back, the
+way an operator or the server itself can (etcd: revoke the leader's lease; PostgreSQL:
+terminate the leader's session). A missing setup module is a failing test, never a skip.
 
 What every backend must do (ARCHITECTURE section 6): at most one leader at any moment, fencing
 tokens that only grow, a killed leader replaced within TTL + 1 s, a resign taken over at once
 where followers are notified, a leader that demotes itself before another can win when it loses
-the backend, callbacks in order and on transitions only, and bad options refused at start.
+the backend or its seat is taken away from outside, callbacks in order and on transitions only,
+and bad options refused at start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
 import subprocess
@@ -29,6 +34,7 @@ from tests.backends.conformance import (
     REPO,
     Cluster,
     Event,
+    HealthSampler,
     Recorder,
     Sampler,
     Target,
@@ -53,12 +59,30 @@ NOTIFIED_RESIGN = 1.0
 START = 10.0
 
 
+def _target(request: pytest.FixtureRequest) -> Target:
+    module = load_setup(request.param)  # a missing module fails (errors) this backend's cases
+    server = request.getfixturevalue(module.SERVER_FIXTURE) if module.SERVER_FIXTURE else None
+    return Target(request.param, module, server)
+
+
 @pytest.fixture(params=NAMES)
 def backend(request: pytest.FixtureRequest) -> Target:
-    name = request.param
-    module = load_setup(name)  # a missing module fails (errors) this backend's cases
-    server = request.getfixturevalue(module.SERVER_FIXTURE) if module.SERVER_FIXTURE else None
-    return Target(name, module, server)
+    return _target(request)
+
+
+def _removable() -> list[str]:
+    names = []
+    for name in NAMES:
+        with contextlib.suppress(ImportError):  # a missing module fails the `backend` cases
+            if hasattr(load_setup(name), "remove_seat"):
+                names.append(name)
+    return names
+
+
+@pytest.fixture(params=_removable())
+def removable(request: pytest.FixtureRequest) -> Target:
+    """A backend whose setup module can take the seat away from outside (``remove_seat``)."""
+    return _target(request)
 
 
 def resign_bound(t: Target) -> float:
@@ -173,6 +197,49 @@ async def test_leader_cut_off_from_the_backend_demotes_before_another_wins(
         if old is not None:
             await stop_all([old], resign=False)
         await backend.cleanup(runners[0].name)
+
+
+async def test_seat_taken_away_from_outside_is_never_claimed_by_two(
+    removable: Target, tmp_path: Path
+) -> None:
+    """The seat is removed behind the leader's back while followers watch it: the old leader
+    must stop claiming it before any follower, woken by the removal, claims it. Checked where
+    a load balancer looks, at every agent's health endpoint, every 20 ms."""
+    t = removable
+    cluster = Cluster(t, tmp_path)
+    cluster.start()
+    try:
+        old = await cluster.leader(t.ttl + START)
+        before = await old.state()
+        assert before is not None and before["token"] is not None, before
+        async with HealthSampler(cluster.agents) as sampler:
+            await asyncio.sleep(0.2)
+            removed = time.monotonic()
+            await t.setup.remove_seat(t.server, cluster.election)
+
+            async def new_term() -> bool:
+                # Someone (the old leader included) leads again, with a newer fencing token.
+                current = sampler.leaders_since(time.monotonic() - 0.05)
+                if not current or len(current[-1]) != 1:
+                    return False
+                [agent] = [a for a in cluster.agents if a.id == current[-1][0]]
+                state = await agent.state()
+                return state is not None and (state["token"] or 0) > before["token"]
+
+            deadline = removed + 2 * t.ttl + 5
+            while not await new_term():
+                assert time.monotonic() < deadline, f"nobody leads again\n{cluster.logs()}"
+                await asyncio.sleep(0.02)
+            took_over = time.monotonic() - removed
+            await asyncio.sleep(0.3)
+        spans = [(round(last - first, 3), agents) for first, last, agents in sampler.overlaps()]
+        assert spans == [], (
+            f"two agents answered 200 at once after the seat was removed (span seconds, "
+            f"agents): {spans}; new term after {took_over:.2f}s\n{cluster.logs()}"
+        )
+        assert sampler.rounds > 20, "the health endpoints were hardly sampled"
+    finally:
+        await cluster.close()
 
 
 # -- liveness ---------------------------------------------------------------------------------

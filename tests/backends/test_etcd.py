@@ -122,8 +122,9 @@ async def test_revoked_lease_is_lost_promptly(
         assert why == "lost" and not leading
         # Within one renew interval (TTL/3) plus a little, not at the end of the lease.
         assert at - revoked < runner.backend.renew_interval + 0.3
-        # The seat is empty now, so it wins again, in a new term.
-        await eventually(lambda: runner.is_leader() and runner.token > first, timeout=3)
+        # The seat is empty now, so it wins again, in a new term, once its old lease (which it
+        # waits out like any follower) has surely run out.
+        await eventually(lambda: runner.is_leader() and runner.token > first, timeout=4)
     finally:
         await runner.stop()
 
@@ -210,12 +211,86 @@ async def test_cut_off_leader_fences_itself_before_another_wins(
         await stop_all(runners)
 
 
+async def test_a_revoked_leader_stops_claiming_at_once(
+    etcd_url: str, election: str, etcd: aetcd.Client
+) -> None:
+    # A 9 s TTL: the next keep-alive is up to 3 s away; only the leader's own watch is fast.
+    runner = make_runner(etcd_url, election, "solo", ttl=9.0)
+    await runner.start()
+    try:
+        await eventually(runner.is_leader)
+        await asyncio.sleep(0.2)  # past the first keep-alive: the watch alone must tell
+        revoked = time.monotonic()
+        await etcd.revoke_lease(runner.backend._lease_id)
+        await eventually(lambda: not runner.is_leader(), timeout=5, interval=0.005)
+        took = time.monotonic() - revoked
+        assert took < 0.2, f"still claimed the seat {took:.2f}s after its lease was revoked"
+    finally:
+        await runner.stop()
+
+
+async def test_a_follower_waits_out_a_holder_that_did_not_resign(
+    etcd_url: str, election: str, etcd: aetcd.Client
+) -> None:
+    ttl = 3.0
+    a = make_runner(etcd_url, election, "a", ttl=ttl)
+    b = make_runner(etcd_url, election, "b", ttl=ttl)
+    await a.start()
+    try:
+        await eventually(a.is_leader)
+        await b.start()
+        await eventually(lambda: b.leader == "a")
+        await asyncio.sleep(0.3)  # b is parked in its watch
+        revoked = time.monotonic()
+        await etcd.revoke_lease(a.backend._lease_id)
+        await eventually(lambda: not a.is_leader(), timeout=2, interval=0.005)
+        # b saw a's last renewal at most TTL/3 before the revoke: a's lease may run up to
+        # TTL after that renewal, so nobody may lead again before 2/3 TTL (minus slack).
+        while not b.is_leader() and not a.is_leader():
+            assert time.monotonic() - revoked < ttl + 2, "nobody took the seat over"
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - revoked
+        assert took > 2 * ttl / 3 - 0.1, f"led again {took:.2f}s after the revoke"
+        assert not (a.is_leader() and b.is_leader())
+    finally:
+        await stop_all([a, b])
+
+
+async def test_an_agent_starting_beside_an_unresigned_record_waits_a_ttl(
+    etcd_url: str, election: str, etcd: aetcd.Client
+) -> None:
+    # The seat is empty, but the record says its last holder did not resign: that holder may
+    # still believe in its lease (cut off from etcd while someone deleted its key).
+    record = {"agent": "gone", "lease": "1", "ttl": 2.0, "state": "leading"}
+    await etcd.put(key_of(election) + b"\0holder", json.dumps(record).encode())
+    runner = make_runner(etcd_url, election, "a")
+    started = time.monotonic()
+    await runner.start()
+    try:
+        await eventually(runner.is_leader, timeout=5)
+        assert time.monotonic() - started > 1.9
+    finally:
+        await runner.stop()
+    # It resigned on the way out: the next agent to start leads at once.
+    fresh = make_runner(etcd_url, election, "b")
+    started = time.monotonic()
+    await fresh.start()
+    try:
+        await eventually(fresh.is_leader, timeout=5, interval=0.005)
+        assert time.monotonic() - started < 0.5
+    finally:
+        await fresh.stop()
+
+
 async def test_restarted_agent_waits_for_its_old_lease(
     etcd_url: str, election: str, etcd: aetcd.Client
 ) -> None:
-    # A previous incarnation of "a" left its key behind with a lease nobody keeps alive.
+    # A previous incarnation of "a" left its key (and record) behind with a lease nobody keeps
+    # alive.
     old_lease = await etcd.lease(2)
     await etcd.put(key_of(election), json.dumps({"agent": "a"}).encode(), lease=old_lease)
+    record = {"agent": "a", "lease": f"{old_lease.id:x}", "ttl": 2.0, "state": "leading"}
+    await etcd.put(key_of(election) + b"\0holder", json.dumps(record).encode())
     old = await etcd.get(key_of(election))
     runner = make_runner(etcd_url, election, "a")
     started = time.monotonic()
