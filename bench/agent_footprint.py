@@ -84,7 +84,7 @@ class Env:
         """One election's backend options, unique to this run so nothing shared collides."""
         tag = f"electorate-bench-{self.run}"
         if backend == "raft":
-            return {"listen": f"127.0.0.1:{self.port()}"}
+            return {"listen": f"127.0.0.1:{self.port()}", "secret": f"{tag}-secret"}
         if backend == "redis":
             return {"url": self.server("redis"), "key": f"{tag}:{index}"}
         if backend == "postgres":

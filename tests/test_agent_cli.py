@@ -209,7 +209,7 @@ def health_config(tmp_path: Path, health: str) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(
         f'[agent]\nid = "h-1"\nhealth = {health}\n[[election]]\nname = "h/one"\n'
-        f'backend = "raft"\nlisten = "127.0.0.1:{free_port()}"\n'
+        f'backend = "raft"\nlisten = "127.0.0.1:{free_port()}"\nsecret = "health-test-secret"\n'
     )
     return path
 

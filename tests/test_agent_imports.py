@@ -72,6 +72,7 @@ def raft(name: str) -> str:
     return (
         f'[[election]]\nname = "{name}"\nbackend = "raft"\n'
         f'listen = "127.0.0.1:{free_port()}"\nheartbeat = "50ms"\nelection_timeout = "200ms"\n'
+        'secret = "imports-test-secret"\n'
     )
 
 

@@ -84,6 +84,7 @@ def agent_config(tmp_path: Path, dashboard: str, extra: str = "") -> Path:
         f'heartbeat = "200ms"\n{extra}\n'
         '[[election]]\nname = "link/one"\nbackend = "raft"\nttl = "1s"\n'
         f'listen = "127.0.0.1:{free_port()}"\nheartbeat = "50ms"\nelection_timeout = "200ms"\n'
+        'secret = "link-test-secret"\n'
     )
     return path
 

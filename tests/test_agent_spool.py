@@ -24,6 +24,7 @@ ttl = "2s"
 listen = "127.0.0.1:{port}"
 heartbeat = "100ms"
 election_timeout = "1s"
+secret = "spool-test-secret"
 """
 
 
