@@ -17,7 +17,9 @@ at that instant, and the runner demotes without waiting for the next renewal.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
@@ -42,6 +44,52 @@ class Revocation:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+class Takeover:
+    """When a seat found empty may be claimed: once every earlier holder's lease has run out.
+
+    A seat can vanish behind its holder's back (an operator deletes it, a lease is revoked from
+    outside), and the holder, which may hear of it only at its next renewal, claims the seat
+    until its lease runs out. That lease runs from when its last proving write was *sent*. Each
+    write of the seat (or of a record beside it) is a new *version*, and every write made
+    before a version was sent before anyone could receive that version. So a lease proven by
+    any write up to the newest version this agent has seen ends by ``since + ttl``, ``since``
+    being when that version was first received (clock rates agreeing). The claim itself must be
+    a conditional write that fails if a newer version exists.
+
+    Exceptions, where the seat may be claimed at once: its last holder resigned (it stood down
+    before resigning), or this agent has seen no holder since it started (a new seat).
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        #: The newest version seen (None: the seat was missing), first received at ``since``.
+        self.version: Hashable | None = None
+        self.since = 0.0
+        #: Some version of the seat has been seen since this agent started.
+        self.held = False
+        #: Not claiming before this monotonic time (set by the backend while it waits).
+        self.pending_until: float | None = None
+
+    def saw(self, version: Hashable | None, *, at: float | None = None) -> None:
+        """The seat showed ``version`` (None: nothing) in an answer received at ``at``
+        (default: now). Integer versions are revisions: an older one (replayed) is ignored."""
+        if version is None and not self.held:
+            return
+        self.held = True
+        if version == self.version:
+            return
+        if isinstance(version, int) and isinstance(self.version, int) and version < self.version:
+            return
+        self.version, self.since = version, time.monotonic() if at is None else at
+
+    def claim_at(self, *, resigned: bool = False, ttl: float | None = None) -> float:
+        """The monotonic time from which the seat may be claimed; ``ttl``: the last holder's,
+        when it is known to be longer than ours."""
+        if resigned or not self.held:
+            return 0.0
+        return self.since + max(self.ttl, ttl or 0.0)
 
 
 @dataclass(frozen=True)
@@ -83,6 +131,19 @@ class Unavailable(BackendError):
 
 class Misconfigured(BackendError):
     """The backend refuses this configuration (e.g. a NATS bucket whose TTL disagrees)."""
+
+
+def describe(exc: BaseException) -> str:
+    """An error in one line: the first line of its text, or its type when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def unavailable(what: str, why: BaseException | str) -> Unavailable:
+    """What a backend raises, ``from None``, when its client fails: ``what`` failed and why, in
+    one line. Not chained: the client's traceback says nothing the message does not, and the
+    runner only logs the message and retries."""
+    return Unavailable(f"{what}: {why if isinstance(why, str) else describe(why)}")
 
 
 def _not_blank(value: str) -> str:

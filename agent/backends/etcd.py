@@ -92,8 +92,10 @@ from agent.backends.base import (
     Misconfigured,
     Revocation,
     Seat,
+    Takeover,
     Text,
     Unavailable,
+    unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -170,15 +172,8 @@ class EtcdBackend(Backend):
         self._guard_task: asyncio.Task[None] | None = None
         #: Watch from here: one past the oldest revision read since the last wait.
         self._watch_from: int | None = None
-        #: The newest record version seen, and when it was first seen (monotonic).
-        self._seen_mod = 0
-        self._seen_at = 0.0
-        #: When the record was first seen missing after a holder had been seen.
-        self._missing_since: float | None = None
-        #: A seat or a record has been seen since this agent started.
-        self._seen_holder = False
-        #: Not claiming an empty seat before then: an earlier holder's lease may still run.
-        self._pending_until: float | None = None
+        #: Which record version was seen first when: an earlier holder's lease may still run.
+        self._takeover = Takeover(self.ttl)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -208,7 +203,7 @@ class EtcdBackend(Backend):
                 # The lease and the keys live in the cluster: carry on with the next member.
                 self._endpoint = (self._endpoint + 1) % len(self._endpoints)
                 await self._drop_client()
-            raise Unavailable(f"etcd {what}: {exc or type(exc).__name__}") from None
+            raise unavailable(f"etcd {what}", exc) from None
 
     # -- what this agent has seen -----------------------------------------------------------
 
@@ -218,19 +213,14 @@ class EtcdBackend(Backend):
 
     def _note(self, seat: Any, record: Any) -> None:
         """Remember when each record version was first seen (after etcd applied it)."""
-        if seat is not None or record is not None:
-            self._seen_holder = True
-        if record is None:
-            if seat is not None:
-                # A seat without a record (written by hand, or by an older agent): its
-                # renewals cannot be seen, so the wait counts from when it is gone.
-                self._missing_since = None
-            elif self._seen_holder and self._missing_since is None:
-                self._missing_since = time.monotonic()
-            return
-        self._missing_since = None
-        if record.mod_revision > self._seen_mod:
-            self._seen_mod, self._seen_at = record.mod_revision, time.monotonic()
+        if record is not None:
+            self._takeover.saw(record.mod_revision)
+        elif seat is not None:
+            # A seat without a record (written by hand, or by an older agent): its renewals
+            # cannot be seen, so the wait counts from when it is gone.
+            self._takeover.saw(("seat", seat.mod_revision))
+        else:
+            self._takeover.saw(None)
 
     def _split(self, kvs: Any) -> tuple[Any, Any]:
         seat = record = None
@@ -262,17 +252,13 @@ class EtcdBackend(Backend):
     def _takeover_at(self, record: Any) -> float:
         """When an empty seat may be claimed: once every earlier holder's lease has run out."""
         if record is None:
-            if not self._seen_holder or self._missing_since is None:
-                return 0.0  # nobody has held this seat
-            return self._missing_since + self.ttl
+            return self._takeover.claim_at()
         info = _json(record.value)
-        if info.get("state") == "resigned":
-            return 0.0
         try:
-            ttl = max(self.ttl, float(info.get("ttl", 0)))
+            ttl = float(info.get("ttl", 0))
         except (TypeError, ValueError):
             ttl = self.ttl
-        return self._seen_at + ttl
+        return self._takeover.claim_at(resigned=info.get("state") == "resigned", ttl=ttl)
 
     # -- values -----------------------------------------------------------------------------
 
@@ -371,12 +357,12 @@ class EtcdBackend(Backend):
         await self._abandon()
         seat, record = await self._read("read")
         if seat is not None:
-            self._pending_until = None
+            self._takeover.pending_until = None
             return None
         now = time.monotonic()
         at = self._takeover_at(record)
         if now < at:
-            if self._pending_until is None:
+            if self._takeover.pending_until is None:
                 holder = _json(record.value).get("agent") if record is not None else "unknown"
                 log.info(
                     "election %s: %s left the seat without resigning; waiting %.2fs for its "
@@ -385,9 +371,9 @@ class EtcdBackend(Backend):
                     holder,
                     at - now,
                 )
-            self._pending_until = at
+            self._takeover.pending_until = at
             return None
-        self._pending_until = None
+        self._takeover.pending_until = None
         return await self._take(record.mod_revision if record is not None else 0)
 
     async def _take(self, record_mod: int) -> Lease | None:
@@ -497,8 +483,9 @@ class EtcdBackend(Backend):
         only rewrite the record, are noted on the way) or when an empty seat may be claimed."""
         start, self._watch_from = self._watch_from, None
         deadline = time.monotonic() + timeout
-        if self._pending_until is not None:
-            deadline = min(deadline, self._pending_until)
+        pending = self._takeover.pending_until
+        if pending is not None:
+            deadline = min(deadline, pending)
         client = self._connection()
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):

@@ -11,8 +11,21 @@ One key per election in a bucket whose TTL (the stream's max age) bounds failove
   the key out TTL after it *stored* the write, which is later, so the leader always stands
   down first (assuming the server's clock does not jump);
 - resign is a delete conditioned on our last revision, which watching followers see at once;
+  its delete marker carries a body ``{"resigned": true, ...}`` (the server and other KV
+  clients go by the ``KV-Operation`` header alone) so that followers can tell it from a
+  delete by someone else;
 - followers watch the key and also poll every TTL/3, because a key that ages out sends no
   watch event on NATS 2.9.
+
+A seat deleted or purged behind the leader's back (``nats kv del``) would be won by a watching
+follower within milliseconds, while the leader hears of it only at its next renewal. So:
+
+1. A candidate claims a key that is a delete or purge marker (not a resign) only once every
+   earlier holder's lease has run out: TTL after it first saw that marker or a newer revision
+   (``Takeover``), with a write conditioned on that marker's revision. A key with no message
+   at all has aged out, TTL after its last write: it is claimed at once.
+2. The leader's own watch revokes its lease (``Lease.revocation``) the moment it sees a marker
+   or another agent's write on the key, so it stops claiming well before that.
 
 The agent creates the bucket with the election's TTL when it is missing, and refuses to start
 (``Misconfigured``) when an existing bucket's TTL disagrees: the TTL *is* the failover bound.
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -48,6 +62,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import field_validator
 
@@ -57,8 +72,11 @@ from agent.backends.base import (
     Lease,
     Lost,
     Misconfigured,
+    Revocation,
     Seat,
+    Takeover,
     Unavailable,
+    unavailable,
 )
 from agent.durations import Duration
 
@@ -73,6 +91,10 @@ _PLAIN = re.compile(r"[A-Za-z0-9_-]")
 RETRY_PAUSE = 0.1
 #: JetStream "wrong last sequence" error codes (the compare-and-set failed).
 _WRONG_LAST = (10071, 10164)
+#: The KV operation header and its marker values (ADR-8).
+_KV_OP = "KV-Operation"
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_MARKERS = ("DEL", "PURGE")
 
 
 def election_key(election: str) -> str:
@@ -157,6 +179,7 @@ class NatsBackend(Backend):
         self.request_timeout = min(2.0, max(0.25, self.ttl / 4))
         self._nonce = secrets.token_hex(8)
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -164,6 +187,10 @@ class NatsBackend(Backend):
         #: Token of the term we lead (the revision that began it) and our last written revision.
         self._term: int | None = None
         self._rev: int | None = None
+        #: Cut short by our own watch when the key is deleted or written by another.
+        self._revocation: Revocation | None = None
+        #: When each revision of the key was first seen: an earlier holder's lease may run.
+        self._takeover = Takeover(self.ttl)
         self._last_error: str | None = None
 
     @property
@@ -207,8 +234,8 @@ class NatsBackend(Backend):
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 1)
-            reason = self._last_error or str(exc) or type(exc).__name__
-            raise Unavailable(f"cannot connect to NATS at {self.options.url}: {reason}") from None
+            reason = self._last_error or exc
+            raise unavailable(f"cannot connect to NATS at {self.options.url}", reason) from None
         self._nc = nc
         try:
             self._kv = await self._bucket(nc)
@@ -219,7 +246,7 @@ class NatsBackend(Backend):
         self._watch_task = asyncio.create_task(self._watch(watcher), name=f"nats watch {self.key}")
 
     async def _bucket(self, nc: Client) -> KeyValue:
-        js = nc.jetstream(timeout=self.request_timeout)
+        self._js = js = nc.jetstream(timeout=self.request_timeout)
         missing = (nats.js.errors.BucketNotFoundError,)
         try:
             kv = await self._guard(js.key_value(self.bucket), "open bucket", passthrough=missing)
@@ -252,10 +279,14 @@ class NatsBackend(Backend):
         return kv
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
-        """Wake followers on every change of the key; resubscribe when the watch breaks."""
+        """Wake followers on every change of the key, and revoke the leader's lease when the
+        key is no longer its own; resubscribe when the watch breaks."""
         while True:
             try:
-                async for _entry in watcher:
+                async for entry in watcher:
+                    if entry is not None:
+                        self._takeover.saw(entry.revision)
+                        self._guard_own_seat(entry)
                     self._changed.set()
                 return  # stopped by close()
             except asyncio.CancelledError:
@@ -279,7 +310,7 @@ class NatsBackend(Backend):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        nc, self._nc, self._kv = self._nc, None, None
+        nc, self._nc, self._js, self._kv = self._nc, None, None, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 2)
@@ -303,35 +334,60 @@ class NatsBackend(Backend):
             await asyncio.sleep(random.uniform(0, self.options.splay))
         kv = self._require_kv()
         self._changed.clear()
-        sent = time.monotonic()
-        try:
-            rev = await self._guard(
-                kv.create(self.key, self._value(None)),
-                "create",
-                passthrough=(nats.js.errors.KeyNotFoundError,),
-            )
-        except nats.js.errors.KeyNotFoundError:
-            return None  # it aged out while create looked at it: try again next round
-        except nats.js.errors.KeyWrongLastSequenceError:
-            adopted = await self._adopt_own_key(kv)
+        entry = await self._read_any(kv)
+        last = 0  # no message at all: absent, or aged out TTL after its last write
+        if entry is not None and entry.operation not in _MARKERS:
+            adopted = await self._adopt_own_key(kv, entry)
             if adopted is None:
                 return None
             rev, sent = adopted
+        else:
+            if entry is not None:
+                value = _decode(entry.value)
+                resigned = entry.operation == "DEL" and value.get("resigned") is True
+                at = self._takeover.claim_at(resigned=resigned)
+                if time.monotonic() < at:
+                    if self._takeover.pending_until is None:
+                        log.info(
+                            "election %s: key %s was %s without a resign; waiting %.2fs for "
+                            "its holder's lease to run out before campaigning",
+                            self.election,
+                            self.key,
+                            "purged" if entry.operation == "PURGE" else "deleted",
+                            at - time.monotonic(),
+                        )
+                    self._takeover.pending_until = at
+                    return None
+                last = entry.revision or 0
+            self._takeover.pending_until = None
+            sent = time.monotonic()
+            try:
+                # Conditioned on what was read: a newer write means another holder.
+                rev = await self._guard(kv.update(self.key, self._value(None), last=last), "create")
+            except nats.js.errors.KeyWrongLastSequenceError:
+                adopted = await self._adopt_own_key(kv)
+                if adopted is None:
+                    return None
+                rev, sent = adopted
         self._term, self._rev = rev, rev
+        self._revocation = revocation = Revocation()
         if self.options.won_after_renew:
             # Choria's grace period: an old leader gets one renew interval to notice first.
             await asyncio.sleep(self.renew_interval)
             try:
-                return await self.renew(Lease(rev, sent + self.ttl))
+                return await self.renew(Lease(rev, sent + self.ttl, revocation))
             except Lost:
                 return None
-        return Lease(rev, sent + self.ttl)
+        return Lease(rev, sent + self.ttl, revocation)
 
-    async def _adopt_own_key(self, kv: KeyValue) -> tuple[int, float] | None:
+    async def _adopt_own_key(
+        self, kv: KeyValue, entry: KeyValue.Entry | None = None
+    ) -> tuple[int, float] | None:
         """The key exists: when it is ours (a write whose answer was lost), start a new term.
 
         Returns the new term's revision and when the proving update was sent."""
-        entry = await self._read(kv)
+        if entry is None:
+            entry = await self._read(kv)
         if entry is None or _decode(entry.value).get("nonce") != self._nonce:
             return None
         sent = time.monotonic()
@@ -388,7 +444,7 @@ class NatsBackend(Backend):
                 self._forget()
                 raise Lost("another agent wrote the key") from None
         self._rev = rev
-        return Lease(self._term, sent + self.ttl)
+        return Lease(self._term, sent + self.ttl, self._revocation)
 
     async def resign(self, lease: Lease) -> None:
         if self._term is None or lease.token != self._term:
@@ -414,8 +470,12 @@ class NatsBackend(Backend):
         return Seat(value.get("agent"), token if isinstance(token, int) else entry.revision)
 
     async def wait_for_change(self, timeout: float) -> None:
+        timeout = min(timeout, self.retry_interval)
+        pending = self._takeover.pending_until
+        if pending is not None:
+            timeout = min(timeout, max(0.0, pending - time.monotonic()))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), min(timeout, self.retry_interval))
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -439,6 +499,21 @@ class NatsBackend(Backend):
 
     def _forget(self) -> None:
         self._term = self._rev = None
+        self._revocation = None
+
+    def _guard_own_seat(self, entry: KeyValue.Entry) -> None:
+        """Revoke the lease the moment the watch shows the key is no longer ours."""
+        revocation, rev = self._revocation, self._rev
+        if revocation is None or rev is None or (entry.revision or 0) <= rev:
+            return
+        if entry.operation in _MARKERS:
+            why = f"the key was {'purged' if entry.operation == 'PURGE' else 'deleted'}"
+        elif self._ours(entry):
+            return  # a renewal of ours, seen before its answer
+        else:
+            why = f"{_decode(entry.value).get('agent') or 'another agent'} wrote the key"
+        log.info("election %s: %s (revision %s); standing down", self.election, why, entry.revision)
+        revocation.revoke(f"{why} (revision {entry.revision})")
 
     def _require_kv(self) -> KeyValue:
         if self._kv is None or self._nc is None or self._nc.is_closed:
@@ -446,16 +521,37 @@ class NatsBackend(Backend):
         return self._kv
 
     async def _read(self, kv: KeyValue) -> KeyValue.Entry | None:
+        """The key's live entry; None when absent, deleted or purged."""
+        entry = await self._read_any(kv)
+        return None if entry is None or entry.operation in _MARKERS else entry
+
+    async def _read_any(self, kv: KeyValue) -> KeyValue.Entry | None:
+        """The key's last message, a delete or purge marker included (``operation`` says
+        which); None when there is none (never written, or aged out)."""
         try:
-            return await self._guard(
+            entry = await self._guard(
                 kv.get(self.key), "read", passthrough=(nats.js.errors.KeyNotFoundError,)
             )
-        except nats.js.errors.KeyNotFoundError:  # absent, deleted or purged
-            return None
+        except nats.js.errors.KeyNotFoundError as exc:
+            if exc.entry is None:
+                return None
+            entry = dataclasses.replace(exc.entry, operation=exc.op)
+        self._takeover.saw(entry.revision)
+        return entry
 
     async def _delete(self, kv: KeyValue, last: int | None) -> None:
+        """A delete marker conditioned on ``last``, marked as a resign (see the docstring)."""
+        js = self._js
+        if js is None:
+            raise Unavailable("not connected to NATS")
+        headers = {_KV_OP: "DEL"}
+        if last:
+            headers[_EXPECTED_LAST] = str(last)
+        body = json.dumps({"agent": self.agent_id, "resigned": True}).encode()
+        # The subject of a key in a bucket without a JetStream domain (ADR-8).
+        publish = js.publish(f"$KV.{self.bucket}.{self.key}", body, headers=headers)
         try:
-            await self._guard(kv.delete(self.key, last=last), "resign")
+            await self._guard(publish, "resign")
         except nats.js.errors.APIError as exc:
             if exc.err_code in _WRONG_LAST:
                 raise _WrongLast from None
@@ -481,9 +577,9 @@ class NatsBackend(Backend):
             if exc.err_code in _WRONG_LAST:
                 raise
             # Anything else (no stream, server busy, ...) may pass: retry within the lease.
-            raise Unavailable(f"{what}: NATS answered {exc.code}: {exc.description}") from None
+            raise unavailable(what, f"NATS answered {exc.code}: {exc.description}") from None
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise Unavailable(f"{what}: {exc or type(exc).__name__}") from None
+            raise unavailable(what, exc) from None
 
 
 class _WrongLast(Exception):

@@ -73,6 +73,8 @@ from agent.backends.base import (
     Misconfigured,
     Seat,
     Unavailable,
+    describe,
+    unavailable,
 )
 from agent.durations import Duration
 
@@ -273,17 +275,17 @@ class PostgresBackend(Backend):
                     make_conninfo(**params), autocommit=True
                 )
         except (psycopg.OperationalError, TimeoutError, OSError) as exc:
-            raise Unavailable(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
+            raise unavailable("cannot connect to PostgreSQL", exc) from None
         try:
             await self._timed(conn, self._prepare(conn), self._connect_budget)
         except psycopg.errors.InsufficientPrivilege as exc:
             await conn.close()
             raise Misconfigured(
-                f"cannot create table {TABLE} (create it, or grant CREATE): {_describe(exc)}"
+                f"cannot create table {TABLE} (create it, or grant CREATE): {describe(exc)}"
             ) from None
         except (psycopg.Error, TimeoutError, OSError) as exc:
             await conn.close()
-            raise Unavailable(f"cannot prepare the PostgreSQL session: {_describe(exc)}") from None
+            raise unavailable("cannot prepare the PostgreSQL session", exc) from None
         return conn
 
     async def _prepare(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -402,7 +404,7 @@ class PostgresBackend(Backend):
             return await self._claim(conn)
         except (psycopg.Error, TimeoutError, OSError) as exc:
             await self._fail(conn)
-            raise Unavailable(f"campaign failed: {_describe(exc)}") from None
+            raise unavailable("campaign failed", exc) from None
 
     async def _finish_takeover(self, conn: psycopg.AsyncConnection[Any]) -> Lease | None:
         assert self._pending_until is not None
@@ -448,7 +450,7 @@ class PostgresBackend(Backend):
         except (psycopg.Error, TimeoutError, OSError) as exc:
             await self._fail(conn)
             raise Lost(
-                f"could not prove the session still holds the lock: {_describe(exc)}"
+                f"could not prove the session still holds the lock: {describe(exc)}"
             ) from None
         if not (row and row[0]):
             self._locked = False
@@ -469,7 +471,7 @@ class PostgresBackend(Backend):
             self._locked = False
         except (psycopg.Error, TimeoutError, OSError) as exc:
             await self._fail(conn)  # ending the session frees the lock too
-            raise Unavailable(f"resign failed: {_describe(exc)}") from None
+            raise unavailable("resign failed", exc) from None
 
     async def observe(self) -> Seat:
         conn = await self._session()
@@ -477,7 +479,7 @@ class PostgresBackend(Backend):
             row = await self._query(conn, _OBSERVE)
         except (psycopg.Error, TimeoutError, OSError) as exc:
             await self._fail(conn)
-            raise Unavailable(f"cannot read the seat: {_describe(exc)}") from None
+            raise unavailable("cannot read the seat", exc) from None
         holder, token, held = row if row else (None, None, False)
         # The holder counts only while its own session holds the lock: the row outlives a
         # crashed leader, and during a takeover the lock is already the successor's.
@@ -502,8 +504,3 @@ class PostgresBackend(Backend):
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

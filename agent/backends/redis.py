@@ -6,12 +6,23 @@
   random nonce is new on every win, so a restarted agent with the same id never mistakes an
   old seat for its own (``redis-cli GET key`` names the leader).
 - Renew: ``PEXPIRE`` only if the key still holds exactly our value; anything else is ``Lost``.
-  The lease runs ``ttl`` from when the renew was *sent*; Redis counts the key's ``ttl`` from
-  when it ran the script, later, so the leader's lease ends first. A connection error or a
-  timeout is ``Unavailable``: the runner retries within the lease and demotes when it runs
+  The lease runs ``ttl`` less 2 ms from when the renew was *sent*. Redis counts the key's
+  ``ttl`` from when it ran the script, later, but in whole milliseconds of its clock, so the
+  key can expire up to a millisecond before ``ttl`` has passed; on loopback that is more than
+  the round trip, hence the 2 ms, so the leader's lease always ends first. A connection error
+  or a timeout is ``Unavailable``: the runner retries within the lease and demotes when it runs
   out, before Redis can expire the key and hand the seat to another.
 - Resign: ``DEL`` only if ours, then ``PUBLISH`` on the channel, in one script (a win
   publishes too, so followers name the new leader at once).
+
+A seat deleted behind the leader's back (``redis-cli DEL key``) would be won by the next
+campaign while the old leader, which hears of it only at its next renewal, still claims it.
+So every win and renewal also writes the *record* ``key:holder`` with the same value and the
+same expiry as the seat: it expires exactly when the seat would have, i.e. after the holder's
+lease. A campaign that finds the seat gone but the record alive waits out the record's
+``PTTL`` (on the server's clock, like the seat itself) before claiming; a resign deletes both,
+so it is taken over at once, and an expired seat has taken its record with it. Deleting the
+record as well by hand removes this protection.
 - Followers subscribe to the channel (a resign or a win wakes them at once) and poll every
   ``ttl / 3``: an expiring key publishes nothing unless the server has keyspace events on
   (``notify-keyspace-events Kx``; we subscribe to the key's ``expired`` event too, so it helps
@@ -53,33 +64,45 @@ from agent.backends.base import (
     Seat,
     Text,
     Unavailable,
+    unavailable,
 )
 
 log = logging.getLogger(__name__)
 
-# KEYS: seat, token counter. ARGV: agent id, nonce, ttl in ms, channel.
-# Returns {token, value} when won (and tells the followers), nil when the seat is taken.
+# Taken off every lease: Redis keeps expiries in whole milliseconds of its own clock.
+_EXPIRY_SLACK_MS = 2
+
+# KEYS: seat, token counter, record. ARGV: agent id, nonce, ttl in ms, channel.
+# Returns {token, value} when won (and tells the followers), nil when the seat is taken, and
+# the milliseconds the last holder's lease may still run when the seat was removed under it.
 _CAMPAIGN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local left = redis.call('PTTL', KEYS[3])
+if left > 0 then return left end
 local token = redis.call('INCR', KEYS[2])
 local value = '{"agent":' .. cjson.encode(ARGV[1]) .. ',"token":' .. token
     .. ',"nonce":"' .. ARGV[2] .. '"}'
 redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[3])
+redis.call('SET', KEYS[3], value, 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], '{"event":"won","agent":' .. cjson.encode(ARGV[1])
     .. ',"token":' .. token .. '}')
 return {token, value}
 """
-# KEYS: seat. ARGV: our value, ttl in ms. Returns 1, or what the key holds instead (nil: none).
+# KEYS: seat, record. ARGV: our value, ttl in ms. Returns 1, or what the seat holds instead
+# (nil: none).
 _RENEW = """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
     return 1
 end
 return current
 """
-# KEYS: seat. ARGV: our value, channel, message. Returns 1 when released, 0 when not ours.
+# KEYS: seat, record. ARGV: our value, channel, message. Returns 1 when released, 0 when the
+# seat is not ours. Our record goes either way: the runner stopped claiming before resigning.
 _RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -115,6 +138,7 @@ class RedisBackend(Backend):
         self._url = opts.url
         self.key = opts.key or f"electorate:{self.election}"
         self.token_key = f"{self.key}:token"
+        self.record_key = f"{self.key}:holder"
         self.channel = opts.channel or f"{self.key}:events"
         self._ttl_ms = max(1, int(self.ttl * 1000))
         # Bounds each command; the runner bounds each call by what is left of the lease too.
@@ -124,6 +148,8 @@ class RedisBackend(Backend):
         self._scripts: dict[str, Any] = {}
         #: Our seat's exact value while we hold it: renew and resign compare against it.
         self._value: str | None = None
+        #: Not claiming before then: the seat was removed while its holder's lease ran.
+        self._pending_until: float | None = None
 
     # -- connection -----------------------------------------------------------------------
 
@@ -150,7 +176,7 @@ class RedisBackend(Backend):
             raise Misconfigured(f"Redis refused us: {exc}") from None
         except (RedisError, OSError) as exc:
             await client.aclose()
-            raise Unavailable(f"cannot reach Redis: {exc}") from None
+            raise unavailable("cannot reach Redis", exc) from None
         self._client = client
         self._scripts = {
             "campaign": client.register_script(_CAMPAIGN),
@@ -194,11 +220,11 @@ class RedisBackend(Backend):
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 raise Misconfigured(f"{self.key} or {self.token_key} holds another type") from None
-            raise Unavailable(f"Redis error: {exc}") from None
+            raise unavailable("Redis error", exc) from None
         except (RedisError, OSError) as exc:
             # Drop the client: a timed-out connection may still deliver a stale answer.
             await self._drop()
-            raise Unavailable(f"Redis unavailable: {exc or type(exc).__name__}") from None
+            raise unavailable("Redis unavailable", exc) from None
 
     # -- the election ---------------------------------------------------------------------
 
@@ -207,14 +233,30 @@ class RedisBackend(Backend):
         sent = time.monotonic()
         result = await self._run(
             "campaign",
-            [self.key, self.token_key],
+            [self.key, self.token_key, self.record_key],
             [self.agent_id, nonce, self._ttl_ms, self.channel],
         )
+        if isinstance(result, int):
+            if self._pending_until is None:
+                log.info(
+                    "election %s: %s was removed before its holder's lease ran out; waiting "
+                    "%.2fs before campaigning",
+                    self.election,
+                    self.key,
+                    result / 1000,
+                )
+            self._pending_until = time.monotonic() + result / 1000
+            return None
+        self._pending_until = None
         if not result:
             return None
         token, value = result
         self._value = value
-        return Lease(int(token), sent + self._ttl_ms / 1000)
+        return Lease(int(token), self._lease_end(sent))
+
+    def _lease_end(self, sent: float) -> float:
+        # Redis floors its clock to the millisecond when it sets an expiry: see the docstring.
+        return sent + (self._ttl_ms - _EXPIRY_SLACK_MS) / 1000
 
     async def renew(self, lease: Lease) -> Lease:
         value = self._value
@@ -222,11 +264,11 @@ class RedisBackend(Backend):
             raise Lost("this agent holds no seat to renew")
         sent = time.monotonic()
         try:
-            result = await self._run("renew", [self.key], [value, self._ttl_ms])
+            result = await self._run("renew", [self.key, self.record_key], [value, self._ttl_ms])
         except Misconfigured as exc:  # not a reason to stop the loop while leading
             raise Unavailable(str(exc)) from None
         if result == 1:
-            return Lease(lease.token, sent + self._ttl_ms / 1000)
+            return Lease(lease.token, self._lease_end(sent))
         self._value = None
         if result is None:
             raise Lost(f"{self.key} expired before it could be renewed")
@@ -237,7 +279,7 @@ class RedisBackend(Backend):
         if value is None:
             return
         message = json.dumps({"event": "resigned", "agent": self.agent_id, "token": lease.token})
-        await self._run("release", [self.key], [value, self.channel, message])
+        await self._run("release", [self.key, self.record_key], [value, self.channel, message])
 
     async def observe(self) -> Seat:
         client = await self._connection()
@@ -245,7 +287,7 @@ class RedisBackend(Backend):
             raw, token = await client.mget(self.key, self.token_key)
         except (RedisError, OSError) as exc:
             await self._drop()
-            raise Unavailable(f"Redis unavailable: {exc or type(exc).__name__}") from None
+            raise unavailable("Redis unavailable", exc) from None
         if raw is None:
             return Seat(None, _int(token))
         try:
@@ -256,6 +298,8 @@ class RedisBackend(Backend):
 
     async def wait_for_change(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        if self._pending_until is not None:
+            deadline = min(deadline, self._pending_until)
         try:
             pubsub = await self._subscription()
         except BackendError:

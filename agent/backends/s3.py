@@ -18,6 +18,11 @@ clock, for humans only) and a ``nonce`` that makes every write's ETag unique.
   from S3, never did). A 412 PreconditionFailed or a 404 on renew means someone else wrote or
   removed the seat: lost. A 409 ConditionalRequestConflict (a concurrent conditional write) is
   retried; a campaign that meets one simply did not win.
+- A seat object deleted behind the leader's back (``aws s3 rm``) is not taken at once with
+  ``If-None-Match: *``: the leader learns of it only at its next renewal (a 404) and claims
+  the seat until then. An agent that has seen the object since it started takes a missing one
+  only ``leader_timeout`` after it first found it missing (``Takeover``, the staleness rule
+  above with the deletion as the last write seen); an agent that never saw it takes it at once.
 - A restarted agent that finds its own id in the object does not take that as a win (s3lect
   could skip ``OnAcquire`` so): the seat is someone's seat like any other, and is taken with a
   fresh conditional write in a new term once it has gone stale, or at once if it was resigned.
@@ -31,7 +36,10 @@ clock, for humans only) and a ``nonce`` that makes every write's ETag unique.
 Cluster and shard elections live side by side: each election has its own key (default
 ``electorate/<election>.json``), any number of them in one bucket. The bucket is created when
 missing. Every call goes through boto3 in a worker thread, with short timeouts and no retries
-(the runner retries within what is left of the lease).
+(the runner retries within what is left of the lease). Elections of one agent process share
+one boto3 client per endpoint, region, credentials and timeouts (``SharedClients``): a client
+is thread-safe once made and costs some 10 MB (its own session and service model), so one per
+election made an agent with 100 of them weigh over a gigabyte.
 
 Checked against moto 5.2 (the test server): it honours ``If-None-Match: *`` (412 when the key
 exists) and ``If-Match`` (412 on another ETag, 404 NoSuchKey when the key is missing) on
@@ -49,8 +57,9 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -69,8 +78,10 @@ from agent.backends.base import (
     Lost,
     Misconfigured,
     Seat,
+    Takeover,
     Text,
     Unavailable,
+    unavailable,
 )
 from agent.durations import Duration
 
@@ -79,6 +90,38 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: Connections one shared client keeps: as many as the default executor runs calls at once.
+POOL = min(32, (os.cpu_count() or 1) + 4)
+
+
+class SharedClients:
+    """boto3 clients shared by the elections of this process, counted so the last one out
+    closes it. A client is thread-safe once made; a boto3 session is not, so clients are made
+    one at a time under the lock (each from a session of its own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[Hashable, tuple[Any, int]] = {}
+
+    def acquire(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The client for ``key``, made with ``make()`` the first time (blocking: call it in a
+        worker thread)."""
+        with self._lock:
+            client, users = self._clients.get(key) or (make(), 0)
+            self._clients[key] = (client, users + 1)
+            return client
+
+    def release(self, key: Hashable) -> Any | None:
+        """One user fewer; the client to close when that was the last one."""
+        with self._lock:
+            client, users = self._clients.pop(key)
+            if users > 1:
+                self._clients[key] = (client, users - 1)
+                return None
+            return client
+
+
+CLIENTS = SharedClients()
 
 
 class S3Options(BackendOptions):
@@ -202,13 +245,15 @@ class S3Backend(Backend):
         self.key = opts.key or f"electorate/{self.election}.json"
         self.timing = timing(opts, self.ttl)
         self._client: Any = None
+        #: The key of the shared client this election holds (released on close).
+        self._client_key: Hashable | None = None
         #: The ETag of our last write while we hold the seat.
         self._etag: str | None = None
         #: Writes whose outcome we never learned (timeout): nonce -> (term, sent).
         self._pending: dict[str, tuple[int, float]] = {}
-        #: Staleness on our own clock: the ETag we see and when we first received it.
-        self._seen_etag: str | None = None
-        self._seen_at = 0.0
+        #: Staleness on our own clock: the ETag we see (None: no object) and when we first
+        #: received it.
+        self._takeover = Takeover(self.timing.leader_timeout)
         #: Did the last read show a holder that is not stale?
         self._healthy = False
         self._max_term = 0
@@ -226,35 +271,55 @@ class S3Backend(Backend):
         """Frequent while no healthy leader is known; else infrequent, but wake up right when
         the seat would go stale."""
         if not self._healthy:
+            # Wake right when a deleted seat may be taken, if that comes first.
+            pending = self._takeover.pending_until
+            if pending is not None and pending > time.monotonic():
+                return max(0.02, min(self.timing.frequent, pending - time.monotonic() + 0.02))
             return self.timing.frequent
-        until_stale = self._seen_at + self.timing.leader_timeout - time.monotonic()
+        until_stale = self._takeover.claim_at() - time.monotonic()
         return max(0.02, min(self.timing.infrequent, until_stale + 0.02))
 
     # -- S3 calls ---------------------------------------------------------------------------
 
-    def _make_client(self, endpoint: str | None) -> Any:
+    def _client_settings(self, endpoint: str | None) -> tuple[Any, ...]:
+        """What a client is made of: (endpoint, region, access key, secret, connect timeout,
+        read timeout); elections that agree on all of it share one client."""
         opts: S3Options = self.options
         access, secret = opts.access_key, opts.secret_key
         if endpoint and access is None:
             # moto and most test servers take any key; real AWS uses boto3's usual chain.
             access = os.environ.get("AWS_ACCESS_KEY_ID", "test")
             secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "test")
+        connect_timeout = max(0.5, min(2.0, self.timing.frequent))
+        read_timeout = max(1.0, min(5.0, self.timing.leader_timeout / 2))
+        return (endpoint, opts.region, access, secret, connect_timeout, read_timeout)
+
+    def _make_client(self, endpoint: str | None) -> Any:
+        endpoint, region, access, secret, connect_timeout, read_timeout = self._client_settings(
+            endpoint
+        )
         config = Config(
-            connect_timeout=max(0.5, min(2.0, self.timing.frequent)),
-            read_timeout=max(1.0, min(5.0, self.timing.leader_timeout / 2)),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             retries={"max_attempts": 1, "mode": "standard"},
             s3={"addressing_style": "path"} if endpoint else None,
-            max_pool_connections=4,
+            max_pool_connections=POOL,
         )
         session = boto3.session.Session()
         return session.client(
             "s3",
             endpoint_url=endpoint,
-            region_name=opts.region,
+            region_name=region,
             aws_access_key_id=access,
             aws_secret_access_key=secret,
             config=config,
         )
+
+    def _shared_client(self) -> Any:
+        key = self._client_settings(self.options.endpoint)
+        client = CLIENTS.acquire(key, lambda: self._make_client(self.options.endpoint))
+        self._client_key = key
+        return client
 
     async def _s3(self, call: Callable[..., T], **kwargs: Any) -> T:
         """Run one boto3 call in a thread: _Refused on an S3 error, Unavailable otherwise."""
@@ -263,7 +328,7 @@ class S3Backend(Backend):
         except botocore.exceptions.ClientError as exc:
             raise refusal(exc) from None
         except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise Unavailable(f"S3: {exc or type(exc).__name__}") from None
+            raise unavailable("S3", exc) from None
 
     def _body(self, holder: str | None, term: int, nonce: str) -> bytes:
         now = datetime.now(UTC)
@@ -292,15 +357,16 @@ class S3Backend(Backend):
         except _Refused as exc:
             if classify(exc) != "gone":
                 self._healthy = False
-                raise Unavailable(f"S3 read: {exc}") from None
+                raise unavailable("S3 read", exc) from None
             snap = Snapshot(None, None, self._max_term, None, time.monotonic())
         else:
             # Received now: the write behind this ETag was sent before this moment.
             received = time.monotonic()
             holder, term, nonce = self._parse(body)
             snap = Snapshot(etag, holder, term, nonce, received)
-        if snap.etag != self._seen_etag:
-            self._seen_etag, self._seen_at = snap.etag, snap.received
+        self._takeover.saw(snap.etag, at=snap.received)
+        if snap.etag is not None:
+            self._takeover.pending_until = None
         self._max_term = max(self._max_term, snap.term)
         self._healthy = snap.holder is not None and not self._stale(snap)
         return snap
@@ -320,9 +386,7 @@ class S3Backend(Backend):
             return "?", self._max_term, None
 
     def _stale(self, snap: Snapshot) -> bool:
-        return snap.etag is not None and (
-            time.monotonic() - self._seen_at > self.timing.leader_timeout
-        )
+        return snap.etag is not None and time.monotonic() > self._takeover.claim_at()
 
     async def _put(self, term: int, holder: str | None, **condition: str) -> tuple[str, float]:
         """One conditional PUT; returns (etag, sent). Unknown outcomes stay in _pending."""
@@ -356,14 +420,14 @@ class S3Backend(Backend):
         self._pending.clear()
         self._max_term = max(self._max_term, term)
         self._healthy = True
-        self._seen_etag, self._seen_at = etag, time.monotonic()
+        self._takeover.saw(etag)
         return Lease(token=term, expires=sent + self.timing.leader_timeout)
 
     # -- the interface ----------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._client is None:
-            self._client = await asyncio.to_thread(self._make_client, self.options.endpoint)
+            self._client = await asyncio.to_thread(self._shared_client)
         try:
             await self._s3(self._client.head_bucket, Bucket=self.bucket)
             return
@@ -371,7 +435,7 @@ class S3Backend(Backend):
             if exc.status in (401, 403):
                 raise Misconfigured(f"S3 denies access to bucket {self.bucket!r}: {exc}") from None
             if exc.status != 404:
-                raise Unavailable(f"S3 bucket check: {exc}") from None
+                raise unavailable("S3 bucket check", exc) from None
         extra: dict[str, Any] = {}
         if self.options.region != "us-east-1":
             extra["CreateBucketConfiguration"] = {"LocationConstraint": self.options.region}
@@ -383,7 +447,7 @@ class S3Backend(Backend):
                 return  # another agent created it first
             if exc.status in (401, 403) or exc.code == "BucketAlreadyExists":
                 raise Misconfigured(f"cannot create bucket {self.bucket!r}: {exc}") from None
-            raise Unavailable(f"S3 create bucket: {exc}") from None
+            raise unavailable("S3 create bucket", exc) from None
 
     async def campaign(self) -> Lease | None:
         snap = await self._read()
@@ -394,19 +458,34 @@ class S3Backend(Backend):
             term, sent = mine
             return self._won(snap.etag, term, sent)
         if snap.etag is None:
+            at = self._takeover.claim_at()
+            if time.monotonic() < at:
+                if self._takeover.pending_until is None:
+                    log.info(
+                        "election %s: s3://%s/%s was deleted without a resign; waiting %.2fs "
+                        "for its holder's lease to run out before campaigning",
+                        self.election,
+                        self.bucket,
+                        self.key,
+                        at - time.monotonic(),
+                    )
+                self._takeover.pending_until = at
+                self._fresh = snap
+                return None
             condition = {"IfNoneMatch": "*"}
         elif snap.holder is None or self._stale(snap):
             condition = {"IfMatch": snap.etag}
         else:
             self._fresh = snap
             return None
+        self._takeover.pending_until = None
         term = max(self._max_term, snap.term) + 1
         try:
             etag, sent = await self._put(term, self.agent_id, **condition)
         except _Refused as exc:
             if classify(exc) in ("lost", "conflict", "gone"):
                 return None  # another candidate wrote first (or is writing): not ours
-            raise Unavailable(f"S3 campaign: {exc}") from None
+            raise unavailable("S3 campaign", exc) from None
         log.debug("election %s: took the seat in term %d", self.election, term)
         return self._won(etag, term, sent)
 
@@ -418,12 +497,12 @@ class S3Backend(Backend):
         except _Refused as exc:
             kind = classify(exc)
             if kind == "conflict":
-                raise Unavailable(f"S3 renew: {exc}") from None
+                raise unavailable("S3 renew", exc) from None
             if kind == "gone":
                 self._etag = None
                 raise Lost("the seat object was deleted") from None
             if kind != "lost":
-                raise Unavailable(f"S3 renew: {exc}") from None
+                raise unavailable("S3 renew", exc) from None
             return await self._recover(lease)
         self._etag = etag
         return Lease(token=lease.token, expires=sent + self.timing.leader_timeout)
@@ -447,7 +526,7 @@ class S3Backend(Backend):
             await self._put(lease.token, None, IfMatch=etag)
         except _Refused as exc:
             if classify(exc) != "lost":
-                raise Unavailable(f"S3 resign: {exc}") from None
+                raise unavailable("S3 resign", exc) from None
             snap = await self._read()  # maybe a renewal of ours landed unseen
             if self._ours(snap) is not None and snap.etag is not None:
                 await self._put(lease.token, None, IfMatch=snap.etag)
@@ -465,5 +544,10 @@ class S3Backend(Backend):
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            await asyncio.to_thread(client.close)
+        key, self._client_key = self._client_key, None
+        # In a thread: the lock may be held while another election makes a client.
+        shared = await asyncio.to_thread(CLIENTS.release, key) if key is not None else None
+        if shared is not None:
+            await asyncio.to_thread(shared.close)
+        if client is not None and key is None:
+            await asyncio.to_thread(client.close)  # a client of its own (never shared)

@@ -97,6 +97,13 @@ def target(name: str, server: str | None) -> Target:
     return Target(name, load_setup(name), server)
 
 
+def target_for(request: Any) -> Target:
+    """The Target of a fixture parametrized by backend name, its server fixture requested."""
+    module = load_setup(request.param)  # a missing module fails (errors) this backend's cases
+    server = request.getfixturevalue(module.SERVER_FIXTURE) if module.SERVER_FIXTURE else None
+    return Target(request.param, module, server)
+
+
 def agent_id(index: int) -> str:
     return f"agent-{index}"
 
@@ -185,6 +192,49 @@ async def start_all(runners: list[ElectionRunner]) -> None:
 
 async def stop_all(runners: list[ElectionRunner], *, resign: bool = True) -> None:
     await asyncio.gather(*(r.stop(resign=resign) for r in runners), return_exceptions=True)
+
+
+class Elections:
+    """What a test started (in-process runners, agent clusters), stopped and cleaned up when
+    it ends, whatever it asserted: the ``elections`` fixture of the conformance suite."""
+
+    def __init__(self) -> None:
+        self._groups: list[tuple[Target, list[ElectionRunner]]] = []
+        self._clusters: list[Cluster] = []
+        self._no_resign: list[ElectionRunner] = []
+
+    async def start(
+        self, t: Target, n: int = 3, *, recorder: Recorder | None = None
+    ) -> list[ElectionRunner]:
+        """``n`` runners of one fresh election (see ``make_runners``), started."""
+        runners = make_runners(t, n, recorder=recorder)
+        self._groups.append((t, runners))
+        await start_all(runners)
+        return runners
+
+    def cluster(self, t: Target, workdir: Path, n: int = 3) -> Cluster:
+        """``n`` agent processes of one fresh election (see ``Cluster``), started."""
+        cluster = Cluster(t, workdir, n)
+        self._clusters.append(cluster)
+        cluster.start()
+        return cluster
+
+    def stop_without_resign(self, runner: ElectionRunner) -> None:
+        """Stop ``runner`` after the others and without resigning (it was cut off)."""
+        self._no_resign.append(runner)
+
+    async def stop(self) -> None:
+        """Stop everything now (leaders resign) and clean up; the test's end does it otherwise."""
+        groups, self._groups = self._groups, []
+        clusters, self._clusters = self._clusters, []
+        for t, runners in groups:
+            await stop_all([r for r in runners if r not in self._no_resign])
+            cut = [r for r in runners if r in self._no_resign]
+            if cut:
+                await stop_all(cut, resign=False)
+            await t.cleanup(runners[0].name)
+        for cluster in clusters:
+            await cluster.close()
 
 
 def leaders(runners: Iterable[ElectionRunner]) -> list[ElectionRunner]:
@@ -306,13 +356,15 @@ def toml_dumps(raw: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
-    """GET from 127.0.0.1:port; None when the agent does not answer (not up, or dead)."""
+async def http_get(
+    port: int, path: str, timeout: float = 1.0, host: str = "127.0.0.1"
+) -> tuple[int, bytes] | None:
+    """GET from host:port; None when the agent does not answer (not up, or dead)."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             await writer.drain()
             data = await reader.read()
         status = int(data.split(b" ", 2)[1])
@@ -325,20 +377,36 @@ async def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, byt
 
 
 class AgentProcess:
-    """One ``python -m agent run --config FILE`` process with a health endpoint."""
+    """One ``python -m agent run --config FILE`` process with a health endpoint.
 
-    def __init__(self, agent: str, election: str, config: Path, health_port: int) -> None:
+    ``prefix`` goes before the command: ``ip netns exec NS`` runs the agent in a network
+    namespace of its own (it execs, so the process is still the agent's and SIGKILL hits it),
+    where its health endpoint is reached on ``host``.
+    """
+
+    def __init__(
+        self,
+        agent: str,
+        election: str,
+        config: Path,
+        health_port: int,
+        *,
+        host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
+    ) -> None:
         self.id = agent
         self.election = election
         self.config = config
         self.health_port = health_port
+        self.host = host
+        self.prefix = prefix or []
         self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [agent_python(), "-m", "agent", "run", "--config", str(self.config)],
+                [*self.prefix, agent_python(), "-m", "agent", "run", "--config", str(self.config)],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -352,7 +420,9 @@ class AgentProcess:
 
     async def leading(self) -> bool | None:
         """The health endpoint's answer: True (200), False (503), None (no answer)."""
-        reply = await http_get(self.health_port, f"/health/leadership/{self.election}", 0.5)
+        reply = await http_get(
+            self.health_port, f"/health/leadership/{self.election}", 0.5, self.host
+        )
         if reply is None or reply[0] not in (200, 503):
             return None
         return reply[0] == 200
@@ -364,11 +434,20 @@ class AgentProcess:
 
     async def state(self) -> dict[str, Any] | None:
         """This agent's view of the election (from ``GET /health``), or None."""
-        reply = await http_get(self.health_port, "/health", 0.5)
+        status = await self.status()
+        if status is None:
+            return None
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return dict(status["elections"][self.election])
+        return None
+
+    async def status(self) -> dict[str, Any] | None:
+        """The whole ``GET /health`` document (elections, spool, dashboard link), or None."""
+        reply = await http_get(self.health_port, "/health", 0.5, self.host)
         if reply is None or reply[0] != 200:
             return None
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            return dict(json.loads(reply[1])["elections"][self.election])
+        with contextlib.suppress(ValueError, TypeError):
+            return dict(json.loads(reply[1]))
         return None
 
     def send(self, sig: int) -> None:
@@ -390,21 +469,45 @@ class AgentProcess:
 
 
 class Cluster:
-    """``n`` agent processes taking part in one fresh election of one backend."""
+    """``n`` agent processes taking part in one fresh election of one backend.
 
-    def __init__(self, t: Target, workdir: Path, n: int = 3, hold_off: str = "2s") -> None:
+    ``configure(index, raw)`` may change agent ``index``'s config (a dict shaped like its TOML)
+    before it is written: a dashboard link, a spool, other addresses. ``hosts`` and
+    ``prefixes`` place agents elsewhere than loopback (see ``AgentProcess``). ``ids`` names the
+    agents (default agent-0, agent-1, ...): unique ids keep clusters apart on one dashboard.
+    """
+
+    def __init__(
+        self,
+        t: Target,
+        workdir: Path,
+        n: int = 3,
+        hold_off: str = "2s",
+        *,
+        configure: Callable[[int, dict[str, Any]], None] | None = None,
+        hosts: list[str] | None = None,
+        prefixes: list[list[str]] | None = None,
+        ids: list[str] | None = None,
+    ) -> None:
         self.target = t
         self.election = t.election_name()
         self.agents: list[AgentProcess] = []
         workdir.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             port = free_port()
+            host = hosts[i] if hosts else "127.0.0.1"
+            name = ids[i] if ids else agent_id(i)
             raw = t.raw_config(
-                agent_id(i), self.election, i, n, health=f"127.0.0.1:{port}", hold_off=hold_off
+                name, self.election, i, n, health=f"{host}:{port}", hold_off=hold_off
             )
-            path = workdir / f"{self.election.replace('/', '_')}-{agent_id(i)}.toml"
+            if configure is not None:
+                configure(i, raw)
+            path = workdir / f"{self.election.replace('/', '_')}-{name}.toml"
             path.write_text(toml_dumps(raw))
-            self.agents.append(AgentProcess(agent_id(i), self.election, path, port))
+            prefix = prefixes[i] if prefixes else None
+            self.agents.append(
+                AgentProcess(name, self.election, path, port, host=host, prefix=prefix)
+            )
 
     def start(self) -> None:
         for agent in self.agents:
@@ -468,14 +571,22 @@ class HealthSampler:
     A round sends all requests at once; a round in which two agents answered 200 is an overlap.
     Consecutive overlapping rounds form one span, reported as (first, last, agents), so a
     failure says for how long two agents claimed the seat.
+
+    With ``tokens``, each agent that answered 200 is also asked (``GET /health``) for the
+    fencing token it holds, and every change of (leader, token) is kept in ``terms``.
     """
 
-    def __init__(self, agents: list[AgentProcess], interval: float = 0.02) -> None:
+    def __init__(
+        self, agents: list[AgentProcess], interval: float = 0.02, *, tokens: bool = False
+    ) -> None:
         self.agents = agents
         self.interval = interval
+        self.tokens = tokens
         self.rounds = 0
         #: (monotonic time the round was sent, ids of the agents that answered 200)
         self.history: list[tuple[float, tuple[str, ...]]] = []
+        #: (monotonic time first seen, leader, the token it reported), one entry per change.
+        self.terms: list[tuple[float, str, int | None]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
@@ -483,9 +594,36 @@ class HealthSampler:
             sent = time.monotonic()
             answers = await asyncio.gather(*(a.leading() for a in self.agents))
             self.rounds += 1
-            leading = tuple(a.id for a, yes in zip(self.agents, answers, strict=True) if yes)
-            self.history.append((sent, leading))
+            leaders = [a for a, yes in zip(self.agents, answers, strict=True) if yes]
+            self.history.append((sent, tuple(a.id for a in leaders)))
+            if self.tokens and leaders:
+                states = await asyncio.gather(*(a.state() for a in leaders))
+                for agent, state in zip(leaders, states, strict=True):
+                    # It may have lost the seat between the two requests: only a token it
+                    # still claims to lead with counts.
+                    if state is not None and state.get("is_leader"):
+                        self._term(sent, agent.id, state.get("token"))
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - sent)))
+
+    def _term(self, at: float, agent: str, token: int | None) -> None:
+        if not self.terms or self.terms[-1][1:] != (agent, token):
+            self.terms.append((at, agent, token))
+
+    def token_problems(self) -> list[str]:
+        """Each change of (leader, token) must carry an integer token higher than every token
+        seen before it: tokens only grow across leaders, and one term keeps one token."""
+        problems = []
+        highest: tuple[str, int] | None = None
+        for _, agent, token in self.terms:
+            if not isinstance(token, int):
+                problems.append(f"{agent} led with token {token!r}")
+            elif highest is not None and token <= highest[1]:
+                problems.append(
+                    f"{agent} led with token {token} after {highest[0]} led with {highest[1]}"
+                )
+            if isinstance(token, int) and (highest is None or token > highest[1]):
+                highest = (agent, token)
+        return problems
 
     def leaders_since(self, since: float) -> list[tuple[str, ...]]:
         return [leading for at, leading in self.history if at >= since and leading]

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 
+from agent.backends.nats import election_key
+
 if TYPE_CHECKING:
     from agent.runner import ElectionRunner
 
@@ -32,6 +34,18 @@ def options(server: str | None, election: str, index: int, n: int) -> dict[str, 
     return {"url": server, "bucket": bucket, "splay": "50ms"}
 
 
+async def remove_seat(server: str | None, election: str) -> None:
+    """``nats kv del`` the election's key from outside: watching followers see the delete at
+    once, while the leader hears of it only at its next renewal."""
+    assert server is not None
+    nc = await nats.connect(server, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        kv = await nc.jetstream(timeout=2).key_value(bucket_for(election))
+        await kv.delete(election_key(election))
+    finally:
+        await nc.close()
+
+
 async def cut_off(runner: ElectionRunner, server: str | None) -> None:
     """Close this agent's NATS connection under it: no resign, no reconnect.
 
@@ -41,6 +55,11 @@ async def cut_off(runner: ElectionRunner, server: str | None) -> None:
     nc = runner.backend._nc  # type: ignore[attr-defined]
     if nc is not None:
         await nc.close()
+
+
+def forget_server(server: str) -> None:
+    """A server the test removed itself (with its store): nothing to delete there at exit."""
+    _BUCKETS.pop(server, None)
 
 
 async def delete_buckets(server: str, buckets: set[str]) -> None:

@@ -36,6 +36,17 @@ async def cleanup(server: str | None, election: str) -> None:
     client = Redis.from_url(server, socket_timeout=5)
     try:
         key = f"electorate:{election}"
-        await client.delete(key, f"{key}:token")
+        await client.delete(key, f"{key}:token", f"{key}:holder")
+    finally:
+        await client.aclose()
+
+
+async def remove_seat(server: str | None, election: str) -> None:
+    """``DEL`` the seat key from outside, as an operator (or a stray script) would: the key is
+    gone at once, while the leader hears of it only at its next renewal."""
+    assert server is not None
+    client = Redis.from_url(server, socket_timeout=5)
+    try:
+        assert await client.delete(f"electorate:{election}") == 1, f"no seat for {election}"
     finally:
         await client.aclose()

@@ -61,6 +61,16 @@ async def cut_off(runner: ElectionRunner, server: str | None) -> None:
     backend._client = await asyncio.to_thread(backend._make_client, dead)  # type: ignore[attr-defined]
 
 
+async def remove_seat(server: str | None, election: str) -> None:
+    """Delete the seat object from outside, as an operator's ``aws s3 rm`` would: the next
+    read of any agent finds it gone, while the leader learns of it only at its next renewal."""
+    assert server is not None
+    s3 = client(server)
+    await asyncio.to_thread(
+        s3.delete_object, Bucket=bucket_for(election), Key=f"electorate/{election}.json"
+    )
+
+
 def delete_bucket(server: str, bucket: str) -> None:
     s3 = client(server)
     with contextlib.suppress(s3.exceptions.NoSuchBucket):

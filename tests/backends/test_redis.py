@@ -91,7 +91,7 @@ async def election(redis_url: str) -> AsyncIterator[str]:
     yield name
     client = Redis.from_url(redis_url, socket_timeout=5)
     key = f"electorate:{name}"
-    await client.delete(key, f"{key}:token")
+    await client.delete(key, f"{key}:token", f"{key}:holder")
     await client.aclose()
 
 
@@ -158,10 +158,11 @@ async def test_renew_is_compare_and_set_and_fails_when_taken_over(
         # Nor can it resign someone else's seat.
         await a.resign(renewed)
         assert json.loads(await direct.get(a.key))["agent"] == "b"
-        await direct.delete(a.key)
+        # Expired: the record beside the seat expires with it.
+        await direct.delete(a.key, a.record_key)
         second = await a.campaign()
         assert second is not None
-        await direct.delete(a.key)  # expired
+        await direct.delete(a.key, a.record_key)  # expired
         with pytest.raises(Lost, match="expired"):
             await a.renew(second)
     finally:
@@ -182,7 +183,7 @@ async def test_a_restarted_agent_with_the_same_id_does_not_adopt_the_old_seat(
             await new.renew(lease)
         # Once the new process wins (the old seat gone), the old one cannot renew: the nonce
         # in the value differs even though the agent id is the same.
-        await direct.delete(old.key)
+        await direct.delete(old.key, old.record_key)
         won = await new.campaign()
         assert won is not None and won.token == lease.token + 1
         with pytest.raises(Lost):
@@ -191,6 +192,36 @@ async def test_a_restarted_agent_with_the_same_id_does_not_adopt_the_old_seat(
     finally:
         await old.close()
         await new.close()
+
+
+async def test_a_seat_deleted_under_its_leader_is_claimed_only_after_that_leaders_lease(
+    redis_url: str, election: str, direct: Redis
+) -> None:
+    a, b = backend(redis_url, election, "a"), backend(redis_url, election, "b")
+    await a.open()
+    await b.open()
+    try:
+        lease = await a.campaign()
+        assert lease is not None
+        lease = await a.renew(lease)
+        await direct.delete(a.key)  # behind a's back: a claims the seat until its lease ends
+        assert await b.campaign() is None
+        won = None
+        while won is None:
+            assert time.monotonic() < lease.expires + 1.0, "never claimed"
+            await asyncio.sleep(0.01)
+            won = await b.campaign()
+        assert time.monotonic() >= lease.expires
+        assert won.token > lease.token
+        with pytest.raises(Lost):
+            await a.renew(lease)
+        # A resign clears the record with the seat: the next winner need not wait.
+        await b.resign(won)
+        assert await direct.exists(b.key, b.record_key) == 0
+        assert await a.campaign() is not None
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_resign_is_seen_at_once_by_a_subscribed_follower(

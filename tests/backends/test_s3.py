@@ -15,8 +15,8 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from agent.backends.base import Seat
-from agent.backends.s3 import S3Backend, S3Options, classify, refusal
+from agent.backends.base import Lost, Seat
+from agent.backends.s3 import CLIENTS, S3Backend, S3Options, classify, refusal
 from agent.config import ConfigError, ElectionConfig, build_config
 from agent.runner import ElectionRunner
 from tests.backends import setup_s3
@@ -191,6 +191,33 @@ async def test_a_deleted_seat_is_lost_and_the_term_still_grows(
         await runner.stop()
 
 
+async def test_a_seat_deleted_under_its_leader_is_taken_only_after_that_leaders_lease(
+    s3_url: str, bucket: str, s3: Any
+) -> None:
+    election = election_name()
+    options = S3Options(endpoint=s3_url, bucket=bucket)
+    a, b = (S3Backend(election=election, agent_id=n, ttl=TTL, options=options) for n in "ab")
+    await a.open()
+    await b.open()
+    try:
+        lease = await a.campaign()
+        assert lease is not None
+        assert await b.campaign() is None  # b has seen a's seat
+        s3.delete_object(Bucket=bucket, Key=f"electorate/{election}.json")  # behind a's back
+        won = None
+        while won is None:
+            assert time.monotonic() < lease.expires + 1.0, "never taken"
+            won = await b.campaign()
+            await asyncio.sleep(0.02)
+        assert time.monotonic() >= lease.expires  # not while a could still claim it
+        assert won.token > lease.token
+        with pytest.raises(Lost):
+            await a.renew(lease)
+    finally:
+        await a.close()
+        await b.close()
+
+
 @pytest.mark.parametrize("writer_clock", ["expired long ago", "valid for an hour"])
 async def test_restarted_agent_takes_its_old_seat_only_with_a_fresh_write(
     s3_url: str, bucket: str, s3: Any, writer_clock: str
@@ -295,6 +322,28 @@ async def test_retry_interval_follows_what_was_last_seen(s3_url: str, bucket: st
         assert backend.retry_interval == frequent
     finally:
         await backend.close()
+
+
+async def test_elections_of_one_process_share_one_client(s3_url: str, bucket: str) -> None:
+    """A boto3 client weighs some 10 MB: 100 elections must not make 100 of them."""
+    same = S3Options(endpoint=s3_url, bucket=bucket)
+    backends = [
+        S3Backend(election=election_name(), agent_id="a", ttl=TTL, options=same) for _ in range(3)
+    ]
+    elsewhere = S3Options(endpoint=s3_url, bucket=bucket, region="eu-west-1")
+    other = S3Backend(election=election_name(), agent_id="a", ttl=TTL, options=elsewhere)
+    for b in [*backends, other]:
+        await b.open()
+    key = backends[0]._client_key
+    try:
+        assert len({id(b._client) for b in backends}) == 1
+        assert other._client is not backends[0]._client  # another region: its own client
+        for b in backends:
+            assert await b.campaign() is not None  # each its own seat, through one client
+    finally:
+        for b in [*backends, other]:
+            await b.close()
+    assert key not in CLIENTS._clients  # the last election out closed it
 
 
 def client_error(status: int, code: str) -> botocore.exceptions.ClientError:
