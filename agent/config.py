@@ -1,4 +1,7 @@
-"""Agent configuration: the TOML file of ARCHITECTURE section 5 (a contract).
+"""Agent configuration: the agent's TOML file.
+
+Its format is a contract with operators: a file that loads today must still load, and mean the
+same, after an upgrade.
 
 A bad file fails at start with the file, the field and what is wrong (``ConfigError``).
 Backend options are validated by each backend's own options model (``backends.registry``).
@@ -17,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from agent.durations import Duration
-from agent.protocol import AgentId, Labels, Name
+from protocol import AgentId, Labels, Name
 
 
 class ConfigError(Exception):

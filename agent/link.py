@@ -15,7 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from agent import protocol
+import protocol
 from agent.spool import AsyncSpool
 
 log = logging.getLogger(__name__)

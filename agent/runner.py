@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import protocol
 from agent.backends.base import Backend, Lease, Lost, Misconfigured, Seat, Unavailable
 from agent.backends.registry import backend_class
 from agent.config import ElectionConfig
+from protocol import CommandKind, EndReason, State
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +51,8 @@ def _revoked_why(lease: Lease) -> str:
     return reason or "the backend revoked the lease"
 
 
-@dataclass(frozen=True)
-class Transition:
-    """A change of this agent's state in one election, as sent to the dashboard."""
-
-    election: str
-    from_: str
-    to: str
-    token: int | None
-    leader: str | None
-    at: datetime
-    detail: str = ""
-    reason: str | None = None
+#: What ``on_transition`` callbacks receive: the protocol's change, built here directly.
+Transition = protocol.Change
 
 
 @dataclass
@@ -176,7 +168,7 @@ class ElectionRunner:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.backend.resign(lease), timeout=2)
             await self._become(
-                self._idle_state(), None, None, reason="resigned", detail="agent stopping"
+                self._idle_state(), None, None, reason=EndReason.RESIGNED, detail="agent stopping"
             )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.backend.close(), timeout=5)
@@ -186,7 +178,7 @@ class ElectionRunner:
     ) -> StepDownResult:
         """Resign (or hand over to ``successor``) and stay out of the race for ``hold_off``."""
         request = _Request(
-            kind="step-down",
+            kind=CommandKind.STEP_DOWN,
             hold_off=self.hold_off if hold_off is None else hold_off,
             successor=successor,
             forced=forced,
@@ -217,10 +209,10 @@ class ElectionRunner:
 
     def _idle_state(self) -> str:
         if self.config.observer:
-            return "observer"
+            return State.OBSERVER
         if getattr(self.config.options, "no_vote", False):
-            return "no-vote"
-        return "follower"
+            return State.NO_VOTE
+        return State.FOLLOWER
 
     async def _run(self) -> None:
         try:
@@ -260,7 +252,7 @@ class ElectionRunner:
             request.future.set_result(StepDownResult(False, "this agent is not the leader"))
         idle = self._idle_state()
         now = time.monotonic()
-        waiting = idle != "follower" or now < self._hold_off_until
+        waiting = idle != State.FOLLOWER or now < self._hold_off_until
         if not waiting and self._flapping(now):
             self.hold(self.config.ttl)
             waiting = True
@@ -279,12 +271,12 @@ class ElectionRunner:
             if seat.leader == self.agent_id:
                 # Our own stale seat (from before a restart): not a lease we can prove.
                 seat = Seat(None, seat.token)
-            if idle != "follower":
+            if idle != State.FOLLOWER:
                 await self._become(idle, seat.leader, seat.token)
             elif seat.leader is None and not waiting:
-                await self._become("candidate", None, seat.token)
+                await self._become(State.CANDIDATE, None, seat.token)
             else:
-                await self._become("follower", seat.leader, seat.token)
+                await self._become(State.FOLLOWER, seat.leader, seat.token)
         if waiting:
             left = self._hold_off_until - time.monotonic()
             if left > 0:
@@ -303,7 +295,7 @@ class ElectionRunner:
         if lease.revoked:
             if request is not None:
                 self._requests.put_nowait(request)  # answered as a follower
-            await self._demote("lost", _revoked_why(lease))
+            await self._demote(EndReason.LOST, _revoked_why(lease))
             return
         if request is not None:
             await self._handle_request(request, lease)
@@ -312,18 +304,20 @@ class ElectionRunner:
             return
         left = deadline - time.monotonic()
         if left <= 0:
-            await self._demote("expired", "could not renew the lease before it ran out")
+            await self._demote(EndReason.EXPIRED, "could not renew the lease before it ran out")
             return
         try:
             new = await asyncio.wait_for(self.backend.renew(lease), timeout=left)
         except Lost as exc:
-            await self._demote("lost", str(exc) or "the backend says another holds the seat")
+            await self._demote(
+                EndReason.LOST, str(exc) or "the backend says another holds the seat"
+            )
             return
         except (Unavailable, TimeoutError, OSError) as exc:
             self.error = f"renew failed: {exc or type(exc).__name__}"
             self._renew_failing = True
             if time.monotonic() >= deadline:
-                await self._demote("expired", self.error)
+                await self._demote(EndReason.EXPIRED, self.error)
             return
         self.error = None
         self._renew_failing = False
@@ -331,10 +325,10 @@ class ElectionRunner:
         self.token = new.token
         self._changed.set()
         if new.revoked:  # revoked while the renewal was on its way
-            await self._demote("lost", _revoked_why(new))
+            await self._demote(EndReason.LOST, _revoked_why(new))
 
     async def _handle_request(self, request: _Request, lease: Lease) -> None:
-        reason = "forced" if request.forced else "resigned"
+        reason = EndReason.FORCED if request.forced else EndReason.RESIGNED
         detail = f"step-down{' to ' + request.successor if request.successor else ''}"
         self.hold(request.hold_off)
         # Stop claiming the seat (and let on_lost run) before giving it up: once the release
@@ -439,7 +433,7 @@ class ElectionRunner:
         self._lease = lease
         self._wins.append(time.monotonic())
         self.leader_changes += 1
-        await self._become("leader", self.agent_id, lease.token, detail="won the election")
+        await self._become(State.LEADER, self.agent_id, lease.token, detail="won the election")
 
     async def _demote(self, reason: str, detail: str) -> None:
         self._lease = None
@@ -469,21 +463,23 @@ class ElectionRunner:
             token,
             detail,
         )
-        if state == "leader":
+        if state == State.LEADER:
             await self._fire(self.on_won, self.name, token)
-        elif previous == "leader":
+        elif previous == State.LEADER:
             await self._fire(self.on_lost, self.name, reason)
-        if state == "candidate":
+        if state == State.CANDIDATE:
             await self._fire(self.on_campaign, self.name)
-        transition = Transition(
+        # Not validated here: a backend's long error text must not stop a transition. The
+        # link checks (and repairs) every event before it goes on the wire.
+        transition = Transition.model_construct(
             election=self.name,
             from_=previous,
             to=state,
             token=self.token,
             leader=leader,
             at=datetime.now(UTC),
-            detail=detail,
-            reason=reason if previous == "leader" else None,
+            detail=detail[:500],
+            reason=reason if previous == State.LEADER else None,
         )
         await self._fire(self.on_transition, transition)
 

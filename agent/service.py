@@ -10,12 +10,14 @@ import socket
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__, protocol
+import protocol
+from agent import __version__
 from agent.config import AgentConfig
 from agent.health import HealthServer
 from agent.metrics import AgentMetrics
 from agent.runner import ElectionRunner, Transition
 from agent.spool import AsyncSpool
+from protocol import CommandKind
 
 if TYPE_CHECKING:
     from agent.link import DashboardLink
@@ -63,18 +65,8 @@ class Agent:
     async def _record(self, transition: Transition) -> None:
         """Spool a transition. The runner awaits this, so the event is on disk when it returns;
         the loop stays free meanwhile (the write runs on the spool's own thread)."""
-        event = {
-            "election": transition.election,
-            "from": transition.from_,
-            "to": transition.to,
-            "token": transition.token,
-            "leader": transition.leader,
-            "at": transition.at.isoformat(),
-            "detail": transition.detail[:500],
-            **({"reason": transition.reason} if transition.reason else {}),
-        }
         try:
-            await self.spool.append(event)
+            await self.spool.append(transition.spooled())
         finally:
             # Also when the runner gave up waiting (a callback timeout): the link's next read
             # queues behind this write on the spool thread, so it finds the event.
@@ -141,11 +133,11 @@ class Agent:
                 command=command.id, ok=False, detail=f"no election {command.election!r} here"
             )
         if not runner.is_leader():
-            if command.kind == "switchover" and command.successor != self.config.id:
+            if command.kind == CommandKind.SWITCHOVER and command.successor != self.config.id:
                 # Not the leader, not the chosen one: stay out so the successor wins.
                 runner.hold(command.hold_off)
                 return protocol.Result(command=command.id, ok=True, detail="holding off")
-            if command.kind == "switchover":
+            if command.kind == CommandKind.SWITCHOVER:
                 return protocol.Result(command=command.id, ok=True, detail="ready to take over")
             return protocol.Result(
                 command=command.id, ok=False, detail="this agent is not the leader"

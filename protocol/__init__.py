@@ -1,13 +1,17 @@
-"""The agent <-> dashboard wire protocol (ARCHITECTURE section 4, a contract).
+"""The agent <-> dashboard wire protocol: a contract that belongs to neither side.
 
-Both sides import this module: the agent to build frames, the dashboard to validate them.
-Frames are JSON text objects with a ``type`` field. Nothing here imports Django.
+Agents and the dashboard are deployed and upgraded separately, so each must keep accepting
+what the other sends: change it only in ways old peers still read. The agent builds frames
+with it and the dashboard validates them with it; the names both sides use for states, end
+reasons and command kinds are defined here once (the dashboard's model choices derive from
+them). Frames are JSON text objects with a ``type`` field. Nothing here imports Django.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -28,12 +32,41 @@ CLOSE_WRONG_AGENT = 4403
 #: resends from its spool: nothing is lost).
 CLOSE_RATE_LIMITED = 4429
 
-STATES = ("follower", "candidate", "leader", "observer", "no-vote")
-#: Why a term ended (ARCHITECTURE section 3).
-END_REASONS = ("resigned", "forced", "expired", "lost", "agent-offline", "superseded")
 
-State = Literal["follower", "candidate", "leader", "observer", "no-vote"]
-EndReason = Literal["resigned", "forced", "expired", "lost", "agent-offline", "superseded"]
+class State(StrEnum):
+    """An agent's part in one election."""
+
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+    #: Watches and reports, never campaigns (configured so).
+    OBSERVER = "observer"
+    #: Would campaign, but is barred from leading (e.g. ``no_failover``, a hold-off).
+    NO_VOTE = "no-vote"
+
+
+class EndReason(StrEnum):
+    """Why a term ended."""
+
+    #: The leader gave the seat up (shutdown, a step-down it chose).
+    RESIGNED = "resigned"
+    #: An operator's step-down or switchover.
+    FORCED = "forced"
+    #: The lease ran out before it was renewed.
+    EXPIRED = "expired"
+    #: The backend took the seat away (a revoked lease, a lost session).
+    LOST = "lost"
+    #: The dashboard stopped hearing from the leader's agent.
+    AGENT_OFFLINE = "agent-offline"
+    #: A newer fencing token was seen: someone else leads now.
+    SUPERSEDED = "superseded"
+
+
+class CommandKind(StrEnum):
+    STEP_DOWN = "step-down"
+    SWITCHOVER = "switchover"
+
+
 Name = Annotated[
     str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ]
@@ -52,7 +85,8 @@ Labels = Annotated[
 
 
 class Frame(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Enum fields keep their plain string values: they go to JSON and SQL as they are.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
 
 
 class ElectionInfo(Frame):
@@ -71,10 +105,10 @@ class Hello(Frame):
     last_seq: Int64 = 0
 
 
-class Event(Frame):
-    """One state transition of one agent in one election."""
+class Change(Frame):
+    """One state transition of one agent in one election, as the agent's runner reports it.
+    The wire's ``Event`` is a change with the sequence number the spool gave it."""
 
-    seq: Positive64
     election: Name
     from_: State = Field(alias="from")
     to: State
@@ -85,7 +119,19 @@ class Event(Frame):
     #: Set when a leader leaves the seat: why its term ended.
     reason: EndReason | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, use_enum_values=True
+    )
+
+    def spooled(self) -> dict[str, Any]:
+        """The change as the spool keeps it until the dashboard acks it (JSON, wire names)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class Event(Change):
+    """A change on the wire: the agent's sequence number makes resends idempotent."""
+
+    seq: Positive64
 
 
 class Events(Frame):
@@ -133,7 +179,7 @@ class Error(Frame):
 class Command(Frame):
     type: Literal["command"] = "command"
     id: Positive64
-    kind: Literal["step-down", "switchover"]
+    kind: CommandKind
     election: Name
     successor: AgentId | None = None
     hold_off: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 5.0
