@@ -15,7 +15,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from agent import protocol
+import protocol
 from elections import audit, heartbeats, statuses, tokens
 from elections.broadcast import elections_changed
 from elections.ingest import Frame, IngestResult, ingest_frames
@@ -31,7 +31,9 @@ def issue_agent_token(agent_id: str, *, by: str = "system") -> str:
     with transaction.atomic():
         agent, _ = Agent.objects.get_or_create(id=agent_id)
         row = AgentToken.objects.create(agent=agent, digest=tokens.digest(token))
-        audit.record("system", by, "agent-token-issued", agent_id, {"token_id": row.pk})
+        audit.record(
+            audit.Actor.SYSTEM, by, audit.Action.AGENT_TOKEN_ISSUED, agent_id, {"token_id": row.pk}
+        )
     return token
 
 
@@ -40,7 +42,9 @@ def revoke_agent_tokens(agent_id: str, *, by: str = "system") -> int:
     count = AgentToken.objects.filter(agent_id=agent_id, revoked__isnull=True).update(
         revoked=timezone.now()
     )
-    audit.record("system", by, "agent-token-revoked", agent_id, {"count": count})
+    audit.record(
+        audit.Actor.SYSTEM, by, audit.Action.AGENT_TOKEN_REVOKED, agent_id, {"count": count}
+    )
     return count
 
 
@@ -64,14 +68,26 @@ def issue_api_token(user: AbstractBaseUser, *, by: str = "system") -> str:
     token = tokens.new_token("elu")
     with transaction.atomic():
         row = ApiToken.objects.create(user=user, digest=tokens.digest(token))
-        audit.record("system", by, "api-token-issued", user.get_username(), {"token_id": row.pk})
+        audit.record(
+            audit.Actor.SYSTEM,
+            by,
+            audit.Action.API_TOKEN_ISSUED,
+            user.get_username(),
+            {"token_id": row.pk},
+        )
     return token
 
 
 @transaction.atomic
 def revoke_api_tokens(user: AbstractBaseUser, *, by: str = "system") -> int:
     count = ApiToken.objects.filter(user=user, revoked__isnull=True).update(revoked=timezone.now())
-    audit.record("system", by, "api-token-revoked", user.get_username(), {"count": count})
+    audit.record(
+        audit.Actor.SYSTEM,
+        by,
+        audit.Action.API_TOKEN_REVOKED,
+        user.get_username(),
+        {"count": count},
+    )
     return count
 
 

@@ -1,4 +1,4 @@
-"""The audit log: an append-only, hash-chained record of who did what (ARCHITECTURE §3).
+"""The audit log: an append-only, hash-chained record of who did what.
 
 Each entry's ``hash`` is ``sha256(prev_hash + canonical JSON of its fields)`` and its
 ``prev_hash`` is the hash of the entry before it, so changing or deleting any entry breaks
@@ -25,9 +25,12 @@ import getpass
 import hashlib
 import ipaddress
 import json
+import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -36,6 +39,10 @@ from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
 from elections.models import AuditEntry
+
+#: Who acts and what they did: the enums on the model, under short names for callers.
+Actor = AuditEntry.ActorType
+Action = AuditEntry.Action
 
 GENESIS = "0" * 64
 #: pg_advisory_xact_lock(int4, int4) keys: "Elec", "Audt".
@@ -203,14 +210,79 @@ def verify() -> Verdict:
     return Verdict(True, checked, None, f"{checked} entries intact; head {prev_hash}")
 
 
-def client_ip(request: Any) -> str | None:
-    """The peer address of a request (REMOTE_ADDR; proxies' headers are not trusted)."""
-    return getattr(request, "META", {}).get("REMOTE_ADDR") or None
-
-
 def cli_actor() -> str:
     """Who ran a management command, as far as the machine knows: the actor of CLI changes."""
     try:
         return f"cli:{getpass.getuser()}"
     except (OSError, KeyError):  # no login name and no passwd entry for the uid (containers)
         return "cli"
+
+
+# -- the head, kept outside the database ----------------------------------------------------
+#
+# Deleting the newest entries leaves an intact, shorter chain: nothing inside the database
+# can show it. So the head (id and hash of the newest entry) is published periodically to
+# places the database's owner does not control as easily: the log, and an append-only file
+# (``ELECTORATE_AUDIT_HEAD_FILE``). ``verify_heads`` then checks that every head once
+# published is still in the chain.
+
+head_log = logging.getLogger("electorate.audit")
+
+
+def head() -> tuple[int, str] | None:
+    row = AuditEntry.objects.order_by("-id").values_list("id", "hash").first()
+    return (row[0], row[1]) if row else None
+
+
+def publish_head(path: Path | None, last: str | None = None) -> tuple[int, str] | None:
+    """Log the head and append it to ``path`` (one JSON line) unless it is ``last``."""
+    current = head()
+    if current is None or current[1] == last:
+        return current
+    entry_id, entry_hash = current
+    head_log.info("audit head: entry %d hash %s", entry_id, entry_hash)
+    if path is not None:
+        line = json.dumps({"at": timezone.now().isoformat(), "id": entry_id, "hash": entry_hash})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    return current
+
+
+def read_heads(path: Path) -> list[tuple[int | None, str]]:
+    """The heads a file recorded, oldest first (lines ``publish_head`` wrote, or bare hashes)."""
+    heads: list[tuple[int | None, str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            record = json.loads(line)
+            heads.append((record.get("id"), str(record["hash"])))
+        else:
+            heads.append((None, line))
+    return heads
+
+
+def verify_heads(heads: Iterable[tuple[int | None, str]]) -> Verdict:
+    """Every head once published must still be in the chain (at its id, when known)."""
+    checked = 0
+    for entry_id, entry_hash in heads:
+        checked += 1
+        found = AuditEntry.objects.filter(hash=entry_hash).values_list("id", flat=True).first()
+        if found is None:
+            where = f" (entry {entry_id})" if entry_id is not None else ""
+            return Verdict(
+                False,
+                checked,
+                entry_id,
+                f"the head {entry_hash[:12]}…{where} published earlier is no longer in the log: "
+                "entries at or after it were deleted",
+            )
+        if entry_id is not None and found != entry_id:
+            return Verdict(
+                False, checked, entry_id, f"head {entry_hash[:12]}… moved to entry {found}"
+            )
+    return Verdict(True, checked, None, f"{checked} published head(s) still in the chain")

@@ -8,35 +8,24 @@ newer fencing token is seen; one that gets no answer in time ends ``expired``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
 
-from agent import protocol
-from elections import audit, layer
-from elections.broadcast import agent_group, elections_changed, group_send
+import protocol
+from elections import audit, delivery, layer
+from elections.broadcast import elections_changed
 from elections.db import submit
 from elections.models import Command, Election, Membership
+from elections.permissions import Refused, User, actor, require_operator
+from elections.serializers import command_detail
 
-PERMISSION = "elections.force_stepdown"
 #: The longest an agent is asked to stay out of the race (the protocol's own bound).
 MAX_HOLD_OFF = 3600.0
 #: Seconds an agent has to answer, on top of the hold-off and the election's TTL.
 ANSWER_GRACE = 10.0
-
-
-class Refused(Exception):
-    """The command cannot be issued; ``status`` is the HTTP status the API answers with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -50,42 +39,29 @@ class Request:
     at: datetime | None = None  # a scheduled switchover
 
 
-def parse_when(text: str) -> datetime | None:
-    """A scheduled time from a datetime-local input (UTC) or ISO 8601 text."""
-    text = text.strip()
-    if not text:
-        return None
-    when = datetime.fromisoformat(text)
-    if timezone.is_naive(when):
-        when = timezone.make_aware(when, UTC)
-    return when
-
-
-def _actor(user: AbstractBaseUser | AnonymousUser | None) -> str:
-    return user.get_username() if user is not None and user.is_authenticated else "anonymous"
-
-
 def healthy_candidates(election: Election) -> list[Membership]:
     """Members that could take over now: connected, campaigning or following, allowed to lead."""
     return list(
         election.memberships.select_related("agent")
-        .filter(agent__connected=True, state__in=("follower", "candidate"), no_failover=False)
+        .filter(
+            agent__connected=True,
+            state__in=(Membership.State.FOLLOWER, Membership.State.CANDIDATE),
+            no_failover=False,
+        )
         .exclude(agent_id=election.leader_id)
     )
 
 
-def request_stepdown(
-    user: AbstractBaseUser | AnonymousUser | None, request: Request, *, ip: str | None = None
-) -> Command:
+def request_stepdown(user: User, request: Request, *, ip: str | None = None) -> Command:
     """Check, record and (on commit) send a step-down or switchover. Raises Refused."""
-    actor = _actor(user)
+    who = actor(user)
     try:
-        return _request(user, request, actor, ip)
+        return _request(user, request, who, ip)
     except Refused as refused:
         audit.record(
-            "user",
-            actor,
-            "step-down-refused",
+            audit.Actor.USER,
+            who,
+            audit.Action.STEP_DOWN_REFUSED,
             request.election,
             {"reason": request.reason, "why": refused.message, "successor": request.successor},
             ip,
@@ -94,11 +70,8 @@ def request_stepdown(
 
 
 @transaction.atomic
-def _request(
-    user: AbstractBaseUser | AnonymousUser | None, request: Request, actor: str, ip: str | None
-) -> Command:
-    if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
-        raise Refused(403, "you need the force_stepdown permission (the operators group)")
+def _request(user: User, request: Request, who: str, ip: str | None) -> Command:
+    require_operator(user)
     if not (math.isfinite(request.hold_off) and 0 <= request.hold_off <= MAX_HOLD_OFF):
         raise Refused(400, f"hold_off must be between 0 and {MAX_HOLD_OFF:.0f} seconds")
     election = (
@@ -112,7 +85,7 @@ def _request(
         raise Refused(400, "a reason is required")
     if election.paused:
         raise Refused(409, f"{election.name} is paused for maintenance: {election.paused_reason}")
-    if election.commands.filter(status__in=("pending", "sent")).exists():
+    if election.commands.filter(status__in=Command.IN_FLIGHT).exists():
         raise Refused(409, f"a command for {election.name} is already in progress")
     candidates = healthy_candidates(election)
     names = {m.agent_id for m in candidates}
@@ -137,36 +110,19 @@ def _request(
         old_token=election.token,
     )
     audit.record(
-        "user",
-        actor,
-        "switchover-requested" if request.successor else "step-down-requested",
+        audit.Actor.USER,
+        who,
+        audit.Action.SWITCHOVER_REQUESTED
+        if request.successor
+        else audit.Action.STEP_DOWN_REQUESTED,
         election.name,
-        _detail(command),
+        command_detail(command),
         ip,
     )
     if not request.at:
         _dispatch(command, election)
     elections_changed([election.pk])
     return command
-
-
-def _detail(command: Command) -> dict[str, Any]:
-    return {
-        "command": command.pk,
-        "kind": command.kind,
-        "status": command.status,
-        "leader": command.target_id,
-        "successor": command.successor or None,
-        "reason": command.reason,
-        "forced": command.forced,
-        "drill": command.drill,
-        "token": command.old_token,
-        "new_token": command.new_token,
-        "new_leader": command.new_leader or None,
-        "result": command.result or None,
-        "scheduled_for": command.scheduled_for.isoformat() if command.scheduled_for else None,
-        "gap": command.leaderless_gap,
-    }
 
 
 def _dispatch(command: Command, election: Election) -> None:
@@ -205,7 +161,11 @@ def _dispatch(command: Command, election: Election) -> None:
         )
     targets = [*others, leader.id]
     pk = command.pk
-    transaction.on_commit(lambda: _send(pk, targets, frame))
+
+    def failed(exc: Exception) -> None:
+        submit(undeliverable, pk, _unreachable(leader.id))
+
+    transaction.on_commit(lambda: delivery.send(frame, targets, failed))
 
 
 def _unreachable(agent_id: str) -> str:
@@ -213,16 +173,6 @@ def _unreachable(agent_id: str) -> str:
         f"cannot reach {agent_id}: the channel layer (Redis) is unavailable; "
         "try again once it is back"
     )
-
-
-def _send(command_id: int, agent_ids: list[str], frame: str) -> None:
-    def failed(exc: Exception) -> None:
-        submit(undeliverable, command_id, _unreachable(agent_ids[-1]))
-
-    for agent_id in agent_ids:
-        group_send(
-            agent_group(agent_id), {"type": "agent.command", "frame": frame}, on_error=failed
-        )
 
 
 @transaction.atomic
@@ -238,18 +188,31 @@ def undeliverable(command_id: int, reason: str) -> None:
         _finish(command, Command.Status.FAILED, reason)
 
 
-def _finish(command: Command, status: str, result: str, *, by_agent: bool = False) -> None:
+#: The audit action of each way a command ends.
+ENDED = {
+    Command.Status.DONE: audit.Action.COMMAND_DONE,
+    Command.Status.FAILED: audit.Action.COMMAND_FAILED,
+    Command.Status.EXPIRED: audit.Action.COMMAND_EXPIRED,
+    Command.Status.CANCELLED: audit.Action.COMMAND_CANCELLED,
+}
+
+
+def _finish(
+    command: Command, status: Command.Status, result: str, *, by_agent: bool = False
+) -> None:
     command.status = status
     command.result = result[:500]
     command.finished_at = timezone.now()
     command.save()
+    by = audit.Actor.AGENT if by_agent else audit.Actor.SYSTEM
     audit.record(
-        "agent" if by_agent else "system",
+        by,
         command.target_id if by_agent and command.target_id else "system",
-        f"command-{status}",
+        ENDED[status],
         command.election.name,
-        _detail(command),
+        command_detail(command),
     )
+    delivery.announce_final(command)
     elections_changed([command.election_id])
 
 
@@ -280,11 +243,8 @@ def record_result(agent_id: str, result: protocol.Result) -> Command | None:
 
 
 @transaction.atomic
-def cancel(
-    user: AbstractBaseUser | AnonymousUser | None, command_id: int, ip: str | None = None
-) -> Command:
-    if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
-        raise Refused(403, "you need the force_stepdown permission (the operators group)")
+def cancel(user: User, command_id: int, ip: str | None = None) -> Command:
+    require_operator(user)
     command = (
         Command.objects.select_for_update(of=("self",))
         .select_related("election")
@@ -299,25 +259,30 @@ def cancel(
         )
     command.status = Command.Status.CANCELLED
     command.finished_at = timezone.now()
-    command.result = f"cancelled by {_actor(user)}"
+    command.result = f"cancelled by {actor(user)}"
     command.save()
     audit.record(
-        "user", _actor(user), "command-cancelled", command.election.name, _detail(command), ip
+        audit.Actor.USER,
+        actor(user),
+        ENDED[Command.Status.CANCELLED],
+        command.election.name,
+        command_detail(command),
+        ip,
     )
+    delivery.announce_final(command)
     elections_changed([command.election_id])
     return command
 
 
 @transaction.atomic
 def set_paused(
-    user: AbstractBaseUser | AnonymousUser | None,
+    user: User,
     name: str,
     paused: bool,
     reason: str = "",
     ip: str | None = None,
 ) -> Election:
-    if user is None or not user.is_authenticated or not user.has_perm(PERMISSION):
-        raise Refused(403, "you need the force_stepdown permission (the operators group)")
+    require_operator(user)
     election = Election.objects.select_for_update().filter(name=name).first()
     if election is None:
         raise Refused(404, f"unknown election {name!r}")
@@ -326,9 +291,8 @@ def set_paused(
     election.paused = paused
     election.paused_reason = reason.strip()[:500] if paused else ""
     election.save(update_fields=["paused", "paused_reason", "updated"])
-    audit.record(
-        "user", _actor(user), "paused" if paused else "resumed", name, {"reason": reason}, ip
-    )
+    action = audit.Action.PAUSED if paused else audit.Action.RESUMED
+    audit.record(audit.Actor.USER, actor(user), action, name, {"reason": reason}, ip)
     elections_changed([election.pk])
     return election
 
@@ -381,27 +345,3 @@ def expire() -> list[int]:
                     _finish(command, Command.Status.EXPIRED, f"no answer within {limit:.0f}s")
                     expired.append(command.pk)
     return expired
-
-
-def command_json(command: Command) -> dict[str, Any]:
-    return {
-        "id": command.pk,
-        "election": command.election.name,
-        "requested_by": command.requested_by.get_username() if command.requested_by else None,
-        "created": command.created.isoformat(),
-        "sent_at": command.sent_at.isoformat() if command.sent_at else None,
-        "finished_at": command.finished_at.isoformat() if command.finished_at else None,
-        **_detail(command),
-    }
-
-
-def wait_final(command: Command, timeout: float) -> Command:
-    """Block until the command is final or ``timeout`` passes (for the API and CLI)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        command.refresh_from_db()
-        if command.final or command.status == Command.Status.SCHEDULED:
-            return command
-        if time.monotonic() >= deadline:
-            return command
-        time.sleep(0.05)

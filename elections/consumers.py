@@ -1,6 +1,6 @@
 """The agent websocket (``/ws/agent/``): authenticate, validate each frame, call one action.
 
-Protocol: ``agent.protocol``. A token belongs to one agent id; frames from that socket can
+Protocol: ``protocol``. A token belongs to one agent id; frames from that socket can
 only touch that agent's records. Database work runs on the shared pool (``elections.db``),
 events frames go through the process's group commit (``elections.ingest_queue``), and
 heartbeats that change nothing are only noted for the next liveness flush.
@@ -16,7 +16,7 @@ from channels.exceptions import StopConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from agent import protocol
+import protocol
 from elections import actions, commands, heartbeats, tokens
 from elections.broadcast import agent_group
 from elections.db import run_db

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from agent import protocol
+import protocol
 from elections import statuses, terms
 from elections.broadcast import elections_changed
 from elections.models import Agent, Membership

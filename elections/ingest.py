@@ -23,12 +23,13 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
-from agent import protocol
+import protocol
 from elections import audit
 from elections.broadcast import elections_changed
 from elections.models import Agent, Election, Membership, Transition
 from elections.sql import insert_ignore_returning, update_from_values
 from elections.terms import Ledger
+from protocol import State
 
 
 @dataclass(frozen=True)
@@ -161,16 +162,18 @@ def _refusals(refused: list[tuple[str, protocol.Event]]) -> list[audit.Pending]:
         by_agent.setdefault(agent_id, []).append(event)
     return [
         audit.Pending(
-            "agent",
+            audit.Actor.AGENT,
             agent_id,
-            "events-refused",
+            audit.Action.EVENTS_REFUSED,
             events[0].election,
             {
                 "why": "not a member of the election (not in any hello of this agent)",
                 "elections": sorted({e.election for e in events})[:20],
                 "events": len(events),
                 "claims": [
-                    {"election": e.election, "token": e.token} for e in events if e.to == "leader"
+                    {"election": e.election, "token": e.token}
+                    for e in events
+                    if e.to == State.LEADER
                 ][:20],
             },
         )

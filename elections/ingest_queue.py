@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 
 from elections.db import run_db
 from elections.ingest import Frame, IngestResult, ingest_frames
+from elections.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,5 @@ class IngestFailed(Exception):
     """The database refused or could not take a frame; the agent should resend it later."""
 
 
-_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IngestQueue] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def ingest_queue() -> IngestQueue:
-    """The queue of the running event loop (one per server process)."""
-    loop = asyncio.get_running_loop()
-    queue = _queues.get(loop)
-    if queue is None:
-        queue = _queues[loop] = IngestQueue()
-    return queue
+#: The queue of the running event loop (one per server process).
+ingest_queue = PerLoop(IngestQueue)

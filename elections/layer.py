@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from typing import Any
 
 from channels.layers import get_channel_layer
+
+from elections.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +114,5 @@ class LayerGuard:
         return True
 
 
-_guards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LayerGuard] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def guard() -> LayerGuard:
-    """The guard of the running event loop (one per server process)."""
-    loop = asyncio.get_running_loop()
-    found = _guards.get(loop)
-    if found is None:
-        found = _guards[loop] = LayerGuard()
-    return found
+#: The guard of the running event loop (one per server process).
+guard = PerLoop(LayerGuard)

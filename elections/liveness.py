@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -27,6 +26,7 @@ from elections import statuses
 from elections.broadcast import elections_changed
 from elections.db import run_db
 from elections.models import Agent, Election, Membership
+from elections.per_loop import PerLoop
 from elections.sql import update_from_values
 
 log = logging.getLogger(__name__)
@@ -158,16 +158,11 @@ class Flusher:
                 await self._task
 
 
-_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Liveness] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def liveness() -> Liveness:
-    """The buffer of the running event loop (one per server process), flushing itself."""
-    loop = asyncio.get_running_loop()
-    buffer = _buffers.get(loop)
-    if buffer is None:
-        buffer = _buffers[loop] = Liveness()
-        Flusher(buffer).start()
+def _flushing() -> Liveness:
+    buffer = Liveness()
+    Flusher(buffer).start()
     return buffer
+
+
+#: The buffer of the running event loop (one per server process), flushing itself.
+liveness = PerLoop(_flushing)

@@ -6,9 +6,20 @@ State changes go through ``elections.actions``; nothing else writes these tables
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from django.db import models
 from django.utils import timezone
+
+import protocol
+
+#: The one permission that lets a user steer elections (step-down, switchover, pause).
+FORCE_STEPDOWN = "force_stepdown"
+
+
+def _choices(name: str, values: type[StrEnum]) -> type[models.TextChoices]:
+    """Model choices for a wire enum: the protocol defines the names, the models follow."""
+    return models.TextChoices(name, [(member.name, member.value) for member in values])  # type: ignore[return-value]
 
 
 class Agent(models.Model):
@@ -35,14 +46,22 @@ class Agent(models.Model):
         return self.id
 
 
-class AgentToken(models.Model):
-    """A bearer token for one agent id, stored as a SHA-256 digest (shown once at issue)."""
+class BearerToken(models.Model):
+    """A bearer token, stored as a SHA-256 digest (``elections.tokens``; shown once at issue)."""
 
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="tokens")
     digest = models.CharField(max_length=64, unique=True)
     created = models.DateTimeField(default=timezone.now)
     revoked = models.DateTimeField(null=True, blank=True)
     last_used = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class AgentToken(BearerToken):
+    """What an agent presents on its websocket: it may speak for this one agent id."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="tokens")
 
 
 class Election(models.Model):
@@ -75,7 +94,7 @@ class Election(models.Model):
 
     class Meta:
         ordering = ["name"]
-        permissions = [("force_stepdown", "Can force a step-down or switchover")]
+        permissions = [(FORCE_STEPDOWN, "Can force a step-down or switchover")]
 
     def __str__(self) -> str:
         return self.name
@@ -90,12 +109,7 @@ class Election(models.Model):
 
 
 class Membership(models.Model):
-    class State(models.TextChoices):
-        FOLLOWER = "follower"
-        CANDIDATE = "candidate"
-        LEADER = "leader"
-        OBSERVER = "observer"
-        NO_VOTE = "no-vote"
+    State = _choices("State", protocol.State)
 
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="memberships")
     election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="memberships")
@@ -122,13 +136,7 @@ class Membership(models.Model):
 
 
 class Term(models.Model):
-    class EndReason(models.TextChoices):
-        RESIGNED = "resigned"
-        FORCED = "forced"
-        EXPIRED = "expired"
-        LOST = "lost"
-        AGENT_OFFLINE = "agent-offline"
-        SUPERSEDED = "superseded"
+    EndReason = _choices("EndReason", protocol.EndReason)
 
     election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="terms")
     leader = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="terms")
@@ -172,9 +180,7 @@ class Transition(models.Model):
 class Command(models.Model):
     """A step-down or switchover, from request to the agent's confirmed result."""
 
-    class Kind(models.TextChoices):
-        STEP_DOWN = "step-down"
-        SWITCHOVER = "switchover"
+    Kind = _choices("Kind", protocol.CommandKind)
 
     class Status(models.TextChoices):
         SCHEDULED = "scheduled"
@@ -185,7 +191,10 @@ class Command(models.Model):
         EXPIRED = "expired"
         CANCELLED = "cancelled"
 
-    FINAL = ("done", "failed", "expired", "cancelled")
+    #: Statuses a command never leaves.
+    FINAL = (Status.DONE, Status.FAILED, Status.EXPIRED, Status.CANCELLED)
+    #: Statuses of a command on its way: at most one per election.
+    IN_FLIGHT = (Status.PENDING, Status.SENT)
 
     election = models.ForeignKey(Election, on_delete=models.CASCADE, related_name="commands")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -222,14 +231,10 @@ class Command(models.Model):
         return self.status in self.FINAL
 
 
-class ApiToken(models.Model):
-    """A bearer token for automation, acting as its user; stored as a SHA-256 digest."""
+class ApiToken(BearerToken):
+    """A bearer token for automation (the JSON API), acting as its user."""
 
     user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="api_tokens")
-    digest = models.CharField(max_length=64, unique=True)
-    created = models.DateTimeField(default=timezone.now)
-    revoked = models.DateTimeField(null=True, blank=True)
-    last_used = models.DateTimeField(null=True, blank=True)
 
 
 class AuditEntry(models.Model):
@@ -239,6 +244,31 @@ class AuditEntry(models.Model):
         USER = "user"
         AGENT = "agent"
         SYSTEM = "system"
+
+    class Action(models.TextChoices):
+        """Every action the dashboard records (the field takes any name: older entries keep
+        theirs; these are what the filters suggest)."""
+
+        LOGIN = "login"
+        LOGIN_FAILED = "login-failed"
+        LOGIN_THROTTLED = "login-throttled"
+        LOGOUT = "logout"
+        LEADER_CHANGED = "leader-changed"
+        CLAIM_HELD = "claim-held"
+        EVENTS_REFUSED = "events-refused"
+        STEP_DOWN_REQUESTED = "step-down-requested"
+        SWITCHOVER_REQUESTED = "switchover-requested"
+        STEP_DOWN_REFUSED = "step-down-refused"
+        COMMAND_DONE = "command-done"
+        COMMAND_FAILED = "command-failed"
+        COMMAND_EXPIRED = "command-expired"
+        COMMAND_CANCELLED = "command-cancelled"
+        PAUSED = "paused"
+        RESUMED = "resumed"
+        AGENT_TOKEN_ISSUED = "agent-token-issued"
+        AGENT_TOKEN_REVOKED = "agent-token-revoked"
+        API_TOKEN_ISSUED = "api-token-issued"
+        API_TOKEN_REVOKED = "api-token-revoked"
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor_type = models.CharField(max_length=10, choices=ActorType.choices)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from datetime import datetime, timedelta
 
 from django.utils import timezone
 
 from elections.db import run_db
 from elections.models import AgentToken
+from elections.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,5 @@ def _revoked_since(since: datetime) -> tuple[set[str], datetime]:
     return digests, now
 
 
-_registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Revocations] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def revocations() -> Revocations:
-    loop = asyncio.get_running_loop()
-    found = _registries.get(loop)
-    if found is None:
-        found = _registries[loop] = Revocations()
-    return found
+#: The revocation list of the running event loop (one per server process).
+revocations = PerLoop(Revocations)

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from elections import actions, commands
+from elections import actions, audit, commands
 
 
 @shared_task
@@ -32,6 +33,20 @@ def expire_commands() -> list[int]:
     return commands.expire()
 
 
+_published: dict[str, str | None] = {"head": None}
+
+
+@shared_task
+def publish_audit_head() -> int | None:
+    """The audit log's head to the log and the heads file: proof against deleting its end."""
+    path = (
+        Path(settings.ELECTORATE_AUDIT_HEAD_FILE) if settings.ELECTORATE_AUDIT_HEAD_FILE else None
+    )
+    current = audit.publish_head(path, _published["head"])
+    _published["head"] = current[1] if current else None
+    return current[0] if current else None
+
+
 @shared_task
 def prune_history() -> int:
     keep = timedelta(days=settings.ELECTORATE_RETENTION_DAYS)
@@ -45,6 +60,7 @@ PERIODIC = [
     (run_scheduled_commands, 1.0),
     (expire_commands, 2.0),
     (prune_history, 3600.0),
+    (publish_audit_head, 60.0),
 ]
 
 

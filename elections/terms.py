@@ -29,10 +29,11 @@ from datetime import datetime
 from django.db.models import BooleanField, Exists, F, OuterRef, Q
 from django.db.models.expressions import RawSQL
 
-from agent import protocol
+import protocol
 from elections import audit, statuses
 from elections.models import Election, Membership, Term
 from elections.sql import update_from_values
+from protocol import EndReason, State
 
 #: How far above what an election's other members report a token may jump and be believed
 #: at once. Raft terms and the counters grow by ones; etcd and NATS revisions count every
@@ -114,9 +115,9 @@ class Ledger:
     def apply(self, agent_id: str, election_id: int, event: protocol.Event) -> None:
         election = self.elections[election_id]
         self._member(agent_id, election, event)
-        if event.to == "leader" and event.token is not None:
+        if event.to == State.LEADER and event.token is not None:
             self.won(agent_id, election, event.token, event.at)
-        elif event.from_ == "leader" and event.token is not None:
+        elif event.from_ == State.LEADER and event.token is not None:
             self._close(agent_id, election, event.token, event.at, event.reason)
 
     def _member(self, agent_id: str, election: Election, event: protocol.Event) -> None:
@@ -125,7 +126,7 @@ class Ledger:
             return
         membership.state = event.to
         membership.changed = event.at
-        if event.to == "leader":
+        if event.to == State.LEADER:
             membership.sees_leader, membership.sees_token = agent_id, event.token
         elif membership.sees_leader == agent_id:
             membership.sees_leader, membership.sees_token = "", None
@@ -168,7 +169,7 @@ class Ledger:
                     token=token,
                     started=at,
                     ended=successor.started if successor else at,
-                    end_reason="superseded",
+                    end_reason=EndReason.SUPERSEDED,
                 )
             )
 
@@ -187,9 +188,9 @@ class Ledger:
             self.dirty_elections.add(election.pk)
             self.audit.append(
                 audit.Pending(
-                    "agent",
+                    audit.Actor.AGENT,
                     agent_id,
-                    "claim-held",
+                    audit.Action.CLAIM_HELD,
                     election.name,
                     {
                         "token": token,
@@ -206,9 +207,9 @@ class Ledger:
         previous = self.term(election.pk, election.token) if election.token is not None else None
         self.audit.append(
             audit.Pending(
-                "agent",
+                audit.Actor.AGENT,
                 agent_id,
-                "leader-changed",
+                audit.Action.LEADER_CHANGED,
                 election.name,
                 {
                     "leader": agent_id,
@@ -222,7 +223,7 @@ class Ledger:
         for term in self.by_election.get(election.pk, ()):
             if term.ended is None and term.token != token:
                 connected = self.connected.get(term.leader_id, False)
-                reason = "superseded" if connected else "agent-offline"
+                reason = EndReason.SUPERSEDED if connected else EndReason.AGENT_OFFLINE
                 self._end(term, max(at, term.started), reason)
         election.token, election.leader_id = token, agent_id
         election.leader_since, election.leaderless_since = at, None
@@ -250,7 +251,7 @@ class Ledger:
     ) -> None:
         term = self.term(election.pk, token)
         if term is not None and term.leader_id == agent_id and term.ended is None:
-            self._end(term, at, reason or "resigned")
+            self._end(term, at, reason or EndReason.RESIGNED)
         if election.leader_id == agent_id and election.token == token:
             election.leader_id, election.leaderless_since = None, at
             self.dirty_elections.add(election.pk)

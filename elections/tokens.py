@@ -7,7 +7,6 @@ guessed from a leaked digest, and every agent frame would otherwise pay for a KD
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
 
@@ -17,10 +16,6 @@ def new_token(prefix: str) -> str:
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a, b)
 
 
 def bearer(headers: list[tuple[bytes, bytes]] | dict[str, str]) -> str | None:

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from agent.protocol import AgentId
 from elections import actions, audit
+from protocol import AgentId
 
 
 class Command(BaseCommand):

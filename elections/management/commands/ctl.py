@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from elections import commands
+from elections import commands, delivery
+from elections.models import Command as ElectionCommand
 from elections.models import Election
+from elections.times import parse_when
 
 
 class Command(BaseCommand):
@@ -19,7 +22,7 @@ class Command(BaseCommand):
         sub.add_parser("list", help="every election with its leader and status")
         history = sub.add_parser("history", help="terms of one election")
         history.add_argument("election")
-        for verb in ("step-down", "switchover"):
+        for verb in ElectionCommand.Kind.values:
             p = sub.add_parser(verb, help=f"{verb} the leader of an election")
             p.add_argument("election")
             p.add_argument("--reason", required=True)
@@ -29,7 +32,7 @@ class Command(BaseCommand):
             p.add_argument("--force", action="store_true")
             p.add_argument("--drill", action="store_true")
             p.add_argument("--wait", type=float, default=30.0)
-            if verb == "switchover":
+            if verb == ElectionCommand.Kind.SWITCHOVER:
                 p.add_argument("--to", dest="successor", required=True)
                 p.add_argument("--at", help="ISO time to schedule it")
         for verb in ("pause", "resume"):
@@ -86,17 +89,17 @@ class Command(BaseCommand):
                     successor=options.get("successor") or "",
                     force=options["force"],
                     drill=options["drill"],
-                    at=commands.parse_when(options.get("at") or ""),
+                    at=parse_when(options.get("at") or ""),
                 ),
             )
         except commands.Refused as refused:
             raise CommandError(f"refused: {refused.message}") from None
-        command = commands.wait_final(command, options["wait"])
+        command = async_to_sync(delivery.wait_final)(command.pk, options["wait"])
         line = f"command {command.pk}: {command.status}"
         if command.result:
             line += f": {command.result}"
         if command.leaderless_gap is not None:
             line += f" (leaderless gap {command.leaderless_gap:.3f}s)"
         self.stdout.write(line)
-        if command.status in ("failed", "expired"):
+        if command.status in (ElectionCommand.Status.FAILED, ElectionCommand.Status.EXPIRED):
             raise CommandError(line)
