@@ -16,9 +16,9 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from dashboard.consumers import LiveConsumer  # noqa: E402
-from dashboard.ticker import start_ticker  # noqa: E402
+from dashboard.web.consumers import LiveConsumer  # noqa: E402
 from elections.consumers import AgentConsumer  # noqa: E402
+from elections.ticker import start_ticker  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

@@ -1,4 +1,4 @@
-"""Filters and streamed exports of the audit log, transitions and terms (ARCHITECTURE §7).
+"""Filters and streamed exports of the audit log, transitions and terms.
 
 One filter parser serves the /audit/ page, the CSV and NDJSON exports and /api/v1/audit, so
 the same query string means the same rows everywhere. Exports stream: the rows come from a
@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import islice
@@ -21,10 +21,12 @@ from urllib.parse import urlencode
 
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
 from elections.models import AuditEntry, Term, Transition
+from elections.serializers import iso
+from elections.times import aware
 
 #: Rows fetched from the database per round trip, and rows per chunk sent to the client.
 FETCH_ROWS = 2000
@@ -32,28 +34,7 @@ CHUNK_ROWS = 500
 PAGE_SIZE = 100
 API_MAX_LIMIT = 1000
 #: Suggestions for the action filter (the audit log accepts any action name).
-KNOWN_ACTIONS = (
-    "login",
-    "login-failed",
-    "login-throttled",
-    "logout",
-    "leader-changed",
-    "claim-held",
-    "events-refused",
-    "step-down-requested",
-    "switchover-requested",
-    "step-down-refused",
-    "command-done",
-    "command-failed",
-    "command-expired",
-    "command-cancelled",
-    "paused",
-    "resumed",
-    "agent-token-issued",
-    "agent-token-revoked",
-    "api-token-issued",
-    "api-token-revoked",
-)
+KNOWN_ACTIONS = tuple(AuditEntry.Action.values)
 
 
 class BadFilter(ValueError):
@@ -121,7 +102,7 @@ def parse_time(text: str, name: str, *, end_of_day: bool = False) -> datetime | 
             f"'{name}' must be an ISO 8601 date or date and time "
             f"(e.g. 2026-11-01 or 2026-11-01T12:00:00Z), not {text!r}"
         ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return aware(value)
 
 
 def parse_int(text: str | None, name: str, *, low: int, high: int, default: int | None) -> Any:
@@ -139,69 +120,46 @@ def parse_int(text: str | None, name: str, *, low: int, high: int, default: int 
 # -- what each kind of row is filtered on ---------------------------------------------------
 
 
-def audit_entries(flt: Filter) -> QuerySet[AuditEntry]:
-    rows = AuditEntry.objects.all()
-    if flt.since:
-        rows = rows.filter(at__gte=flt.since)
-    if flt.until:
-        rows = rows.filter(at__lt=flt.until)
-    if flt.election:
-        rows = rows.filter(target=flt.election)
-    if flt.actor:
-        rows = rows.filter(actor=flt.actor)
-    if flt.action:
-        rows = rows.filter(action=flt.action)
-    return rows
+@dataclass(frozen=True)
+class Source:
+    """What an export or page reads: the filter's fields mapped onto one model's."""
+
+    model: type[Model]
+    #: The field the ``from``/``to`` range applies to.
+    time: str
+    #: The field naming the election.
+    election: str
+    #: Filter fields matched exactly on the field of the same name (audit: actor, action).
+    exact: tuple[str, ...] = ()
+
+    def rows(self, flt: Filter) -> QuerySet[Any]:
+        lookups: dict[str, Any] = {}
+        if flt.since:
+            lookups[f"{self.time}__gte"] = flt.since
+        if flt.until:
+            lookups[f"{self.time}__lt"] = flt.until
+        if flt.election:
+            lookups[self.election] = flt.election
+        lookups.update({name: getattr(flt, name) for name in self.exact if getattr(flt, name)})
+        return self.model.objects.filter(**lookups)
 
 
-def transitions(flt: Filter) -> QuerySet[Transition]:
-    rows = Transition.objects.all()
-    if flt.since:
-        rows = rows.filter(agent_time__gte=flt.since)
-    if flt.until:
-        rows = rows.filter(agent_time__lt=flt.until)
-    if flt.election:
-        rows = rows.filter(election__name=flt.election)
-    return rows
-
-
-def terms(flt: Filter) -> QuerySet[Term]:
-    """Terms that started in the range."""
-    rows = Term.objects.all()
-    if flt.since:
-        rows = rows.filter(started__gte=flt.since)
-    if flt.until:
-        rows = rows.filter(started__lt=flt.until)
-    if flt.election:
-        rows = rows.filter(election__name=flt.election)
-    return rows
+AUDIT = Source(AuditEntry, "at", "target", ("actor", "action"))
+TRANSITIONS = Source(Transition, "agent_time", "election__name")
+#: Terms that started in the range.
+TERMS = Source(Term, "started", "election__name")
 
 
 def audit_page(flt: Filter, before: int | None, size: int) -> tuple[list[AuditEntry], int | None]:
     """Newest first, ``size`` entries older than id ``before``; and the cursor of the next
     page (keyset: stable while new entries arrive, and as fast on page 1000 as on page 1)."""
-    rows = audit_entries(flt).order_by("-id")
+    rows = AUDIT.rows(flt).order_by("-id")
     if before is not None:
         rows = rows.filter(id__lt=before)
     page = list(rows[: size + 1])
     more = len(page) > size
     page = page[:size]
     return page, (page[-1].id if more else None)
-
-
-def audit_json(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "at": entry.at.isoformat(),
-        "actor_type": entry.actor_type,
-        "actor": entry.actor,
-        "action": entry.action,
-        "target": entry.target,
-        "detail": entry.detail,
-        "ip": entry.ip,
-        "prev_hash": entry.prev_hash,
-        "hash": entry.hash,
-    }
 
 
 # -- exports ---------------------------------------------------------------------------------
@@ -212,13 +170,13 @@ class Export:
     name: str
     #: (column, database field) in output order.
     columns: tuple[tuple[str, str], ...]
-    rows: Callable[[Filter], QuerySet[Any]]
+    source: Source
     #: Oldest first: logs read top to bottom, and an audit export re-verifies in this order.
     order: tuple[str, ...]
 
     def values(self, flt: Filter) -> Iterator[tuple[Any, ...]]:
         fields = [f for _, f in self.columns]
-        rows = self.rows(flt).order_by(*self.order).values_list(*fields)
+        rows = self.source.rows(flt).order_by(*self.order).values_list(*fields)
         return rows.iterator(chunk_size=FETCH_ROWS)
 
 
@@ -240,7 +198,7 @@ EXPORTS = {
                 "hash",
             )
         ),
-        audit_entries,
+        AUDIT,
         ("id",),
     ),
     "transitions": Export(
@@ -259,7 +217,7 @@ EXPORTS = {
             ("reason", "reason"),
             ("detail", "detail"),
         ),
-        transitions,
+        TRANSITIONS,
         ("agent_time", "id"),
     ),
     "terms": Export(
@@ -273,7 +231,7 @@ EXPORTS = {
             ("ended", "ended"),
             ("end_reason", "end_reason"),
         ),
-        terms,
+        TERMS,
         ("started", "id"),
     ),
 }
@@ -283,7 +241,7 @@ FORMATS = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 def _plain(value: Any) -> Any:
     # Full isoformat, not DjangoJSONEncoder's milliseconds: an exported audit entry must
     # hash to the same value as the stored one.
-    return value.isoformat() if isinstance(value, datetime) else value
+    return iso(value) if isinstance(value, datetime) else value
 
 
 #: A cell a spreadsheet would run as a formula (OWASP's list): it gets a leading quote.

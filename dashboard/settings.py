@@ -60,7 +60,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "channels",
     "elections",
-    "dashboard",
+    "dashboard.web",
+    "demo",
 ]
 
 MIDDLEWARE = [
@@ -157,7 +158,7 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # Celery: a real broker in production; in embedded mode tasks run in-process, and the
-# periodic ones on a ticker thread inside the server process (dashboard.ticker).
+# periodic ones on a ticker thread inside the server process (elections.ticker).
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 CELERY_TASK_EAGER_PROPAGATES = True
@@ -168,6 +169,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 #: Campaign history (transitions) older than this many days is deleted; terms, commands and
 #: the audit log are kept.
 ELECTORATE_RETENTION_DAYS = float(env("ELECTORATE_RETENTION_DAYS", "90"))
+#: Where the audit log's head is appended every minute (empty: the log line only). Keep it
+#: where the database's owner cannot rewrite it; `verify_audit --heads-file` checks it.
+ELECTORATE_AUDIT_HEAD_FILE = env("ELECTORATE_AUDIT_HEAD_FILE", str(DATA_DIR / "audit-heads.ndjson"))
 ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 
 #: An agent that has not sent anything for this long is marked offline by the sweep.

@@ -2,7 +2,10 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard import api, api_control, auditviews, control, login, metrics, views
+from dashboard.api import control as api_control
+from dashboard.api import elections as api
+from dashboard.api import metrics
+from dashboard.web import audit, control, login, views
 
 urlpatterns = [
     path("", views.leader_map, name="map"),
@@ -18,11 +21,11 @@ urlpatterns = [
     path("api/v1/elections/<path:name>", api.election, name="api-election"),
     path("api/v1/agents", api.agents, name="api-agents"),
     path("api/v1/audit", api.audit, name="api-audit"),
-    path("audit/", auditviews.audit_log, name="audit"),
+    path("audit/", audit.audit_log, name="audit"),
     *(
         path(
             f"{kind}/export.{fmt}",
-            auditviews.export,
+            audit.export,
             {"kind": kind, "fmt": fmt},
             name=f"{kind}-export-{fmt}",
         )

@@ -13,7 +13,7 @@ from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dashboard.api import api_auth
+from dashboard.auth import api_auth
 from elections.models import Agent, Command, Election, Term, Transition
 
 
@@ -33,7 +33,7 @@ class FleetCollector:
             labels=["election"],
         )
         for name, since in Election.objects.filter(
-            status="leaderless", leaderless_since__isnull=False
+            status=Election.Status.LEADERLESS, leaderless_since__isnull=False
         ).values_list("name", "leaderless_since"):
             leaderless.add_metric([name], (now - since).total_seconds())
         yield leaderless

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
@@ -12,21 +10,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from dashboard import exports
-from dashboard.api import api_auth
-
-
-def session_or_bearer(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """A browser is sent to the login page; a script may use its API token instead."""
-    by_session, by_token = login_required(view), api_auth(view)
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        header = request.headers.get("Authorization", "")
-        if header.split(" ", 1)[0].lower() == "bearer":
-            return by_token(request, *args, **kwargs)
-        return by_session(request, *args, **kwargs)
-
-    return wrapper
+from dashboard.auth import session_or_bearer
 
 
 @require_GET

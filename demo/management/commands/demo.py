@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from dashboard import demo
+from demo import fleet as demo
 from elections import actions
 
 USERNAME, PASSWORD = "demo", "electorate-demo"

@@ -16,27 +16,31 @@ attention list when it changed, and the page only when its rows changed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from django.db.models import Case, Count, IntegerField, Prefetch, Q, QuerySet, Value, When
 from django.db.models.fields.json import KeyTextTransform
 from django.http import QueryDict
 from django.template.loader import render_to_string
+from django.urls import get_script_prefix, reverse
 from django.utils import timezone
+from django.utils.http import RFC3986_SUBDELIMS
 
 from elections.models import Agent, Command, Election, Membership
 
-ACTIVE = ("scheduled", "pending", "sent")
+ACTIVE = (Command.Status.SCHEDULED, *Command.IN_FLIGHT)
 PAGE_SIZE = 100
 ATTENTION_LIMIT = 50
 GROUP_LIMIT = 30
 #: Member chips and labels drawn per row; the rest are counted ("+12").
 MEMBERS_SHOWN = 8
 LABELS_SHOWN = 4
-STATUSES = ("led", "leaderless", "split-brain", "unverified")
+#: The map's status filter: the stored statuses, and "unverified" (a leader not connected).
+STATUSES = (*Election.Status.values, "unverified")
 
 SPLIT, LEADERLESS = Election.Status.SPLIT_BRAIN, Election.Status.LEADERLESS
 UNVERIFIED = Q(leader__isnull=False, leader__connected=False)
@@ -166,7 +170,7 @@ def page_ids(view: MapView) -> tuple[tuple[int, ...], int]:
 def summary() -> dict[str, int]:
     counts = Election.objects.aggregate(
         total=Count("pk"),
-        led=Count("pk", filter=Q(status="led")),
+        led=Count("pk", filter=Q(status=Election.Status.LED)),
         leaderless=Count("pk", filter=Q(status=LEADERLESS)),
         split=Count("pk", filter=Q(status=SPLIT)),
         unverified=Count("pk", filter=UNVERIFIED),
@@ -186,10 +190,10 @@ def groups(flt: MapFilter) -> tuple[list[dict[str, object]], int]:
         .values("cluster", "backend")
         .annotate(
             total=Count("pk"),
-            led=Count("pk", filter=Q(status="led") & ~UNVERIFIED),
+            led=Count("pk", filter=Q(status=Election.Status.LED) & ~UNVERIFIED),
             leaderless=Count("pk", filter=Q(status=LEADERLESS)),
             split=Count("pk", filter=Q(status=SPLIT)),
-            unverified=Count("pk", filter=UNVERIFIED & Q(status="led")),
+            unverified=Count("pk", filter=UNVERIFIED & Q(status=Election.Status.LED)),
         )
     )
     rows.sort(key=lambda r: (-(r["split"] + r["leaderless"] + r["unverified"]), -r["total"]))
@@ -204,6 +208,21 @@ def groups(flt: MapFilter) -> tuple[list[dict[str, object]], int]:
 # -- fragments ----------------------------------------------------------------------------
 
 
+@functools.cache
+def _url_parts(view: str, script_prefix: str) -> tuple[str, str]:
+    """The parts of a per-election URL around its name (reversed once, not once a row)."""
+    marker = "ELECTION-NAME-MARKER"
+    before, _, after = reverse(view, args=[marker]).partition(marker)
+    return before, after
+
+
+def election_url(view: str, name: str) -> str:
+    """``reverse(view, args=[name])`` for the election views, without the resolver's cost
+    (a page of the map links every row twice); quoted exactly as ``reverse`` quotes."""
+    before, after = _url_parts(view, get_script_prefix())
+    return before + quote(name, safe=RFC3986_SUBDELIMS + "/~:@") + after
+
+
 def row_context(election: Election) -> dict[str, object]:
     members = list(election.memberships.all())
     leader_membership = next((m for m in members if m.agent_id == election.leader_id), None)
@@ -212,6 +231,8 @@ def row_context(election: Election) -> dict[str, object]:
     labels = list(election.labels.items()) if isinstance(election.labels, dict) else []
     return {
         "e": election,
+        "url": election_url("election", election.name),
+        "stepdown_url": election_url("stepdown", election.name),
         "labels": labels[:LABELS_SHOWN],
         "more_labels": max(0, len(labels) - LABELS_SHOWN),
         "members": members[:MEMBERS_SHOWN],

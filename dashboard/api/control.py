@@ -11,19 +11,21 @@ from __future__ import annotations
 import json
 import math
 
+from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_POST
 
-from dashboard.api import api_auth
-from dashboard.control import client_ip
-from elections import commands
+from dashboard.auth import api_auth, client_ip
+from elections import commands, delivery
+from elections.serializers import command_json
+from elections.times import parse_when
 
 MAX_WAIT = 60.0
 
 
 @require_POST
 @api_auth
-def stepdown(request: HttpRequest, name: str) -> JsonResponse:
+async def stepdown(request: HttpRequest, name: str) -> JsonResponse:
     try:
         body = json.loads(request.body or b"{}")
         if not isinstance(body, dict):
@@ -35,7 +37,7 @@ def stepdown(request: HttpRequest, name: str) -> JsonResponse:
             force=bool(body.get("force", False)),
             drill=bool(body.get("drill", False)),
             hold_off=float(body.get("hold_off", 5.0)),
-            at=commands.parse_when(str(body.get("at") or "")),
+            at=parse_when(str(body.get("at") or "")),
         )
         wait = float(body.get("wait", 30.0))
         if not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT):
@@ -43,9 +45,14 @@ def stepdown(request: HttpRequest, name: str) -> JsonResponse:
     except (ValueError, TypeError) as exc:
         return JsonResponse({"error": f"bad request: {exc}"}, status=400)
     try:
-        command = commands.request_stepdown(request.user, wanted, ip=client_ip(request))
+        command = await sync_to_async(commands.request_stepdown)(
+            request.user, wanted, ip=client_ip(request)
+        )
     except commands.Refused as refused:
         return JsonResponse({"error": refused.message}, status=refused.status)
-    command = commands.wait_final(command, wait)
+    # Async: waiting holds no thread and no database connection, so many step-downs can
+    # wait at once; the command's own completion message wakes this request.
+    command = await delivery.wait_final(command.pk, wait)
     status = 200 if command.final else 202
-    return JsonResponse({"command": commands.command_json(command)}, status=status)
+    body = await sync_to_async(command_json)(command)
+    return JsonResponse({"command": body}, status=status)

@@ -8,12 +8,10 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from dashboard.auth import client_ip
 from elections import commands
 from elections.models import Command, Election
-
-
-def client_ip(request: HttpRequest) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
+from elections.times import parse_when
 
 
 def _form_context(election: Election, **extra: object) -> dict[str, object]:
@@ -31,7 +29,7 @@ def stepdown(request: HttpRequest, name: str) -> HttpResponse:
     if request.method != "POST":
         return render(request, "elections/_stepdown_form.html", _form_context(election))
     try:
-        at = commands.parse_when(request.POST.get("at", ""))
+        at = parse_when(request.POST.get("at", ""))
     except ValueError:
         return _refused(request, election, 400, "the scheduled time is not a date and time")
     try:

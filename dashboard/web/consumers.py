@@ -10,8 +10,8 @@ import json
 
 from django.http import QueryDict
 
-from dashboard.leadermap import MapView
-from dashboard.live import Viewer, hub
+from dashboard.web.leadermap import MapView
+from dashboard.web.live import Viewer, hub
 from elections.websocket import BaseConsumer
 
 

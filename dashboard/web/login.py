@@ -9,7 +9,8 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.core.exceptions import ValidationError
 from django.http import HttpResponse
 
-from dashboard import throttle
+from dashboard.auth import client_ip
+from dashboard.web import throttle
 from elections import audit
 
 
@@ -22,10 +23,10 @@ class ThrottledLoginForm(AuthenticationForm):
 
     def clean(self) -> dict[str, Any]:
         username = str(self.cleaned_data.get("username") or "")
-        ip = audit.client_ip(self.request)
+        ip = client_ip(self.request)
         if throttle.blocked(username, ip):
             # The password is not even checked: a guesser learns nothing more.
-            audit.record("user", username, "login-throttled", ip=ip)
+            audit.record(audit.Actor.USER, username, audit.Action.LOGIN_THROTTLED, ip=ip)
             raise ValidationError(self.error_messages["throttled"], code="throttled")
         try:
             cleaned = super().clean()

@@ -21,23 +21,29 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import import_module
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
-from dashboard import leadermap
-from dashboard.leadermap import MapView, Rendered, ViewState
+from dashboard.web import leadermap
+from dashboard.web.leadermap import MapView, Rendered, ViewState
 from elections import layer as elections_layer
 from elections.broadcast import FLEET_GROUP
 from elections.db import run_db
+from elections.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
+#: Seconds between checks that every watching browser is still signed in and active.
+SESSION_CHECK = 2.0
+#: Close code for a browser whose session ended: the page goes to the login form.
+CLOSE_SIGNED_OUT = 4401
 #: A browser whose oldest unacked frame is older than this is behind (seconds).
 MAX_LAG = 1.0
 
@@ -46,23 +52,36 @@ def frame_limit() -> int:
     return settings.ELECTORATE_LIVE_FRAME_LIMIT
 
 
-def _is_table(part: str) -> bool:
-    return part.lstrip().startswith(("<tr", "<tbody"))
+def _kind(part: str) -> str:
+    """What a fragment is to the HTML parser: a row, a table body, or anything else."""
+    head = part.lstrip()
+    if head.startswith("<tr"):
+        return "row"
+    if head.startswith("<tbody"):
+        return "body"
+    return "other"
 
 
 def pack(parts: Iterable[str], limit: int) -> list[str]:
     """Join fragments into as few frames as fit ``limit`` bytes.
 
-    Table fragments (rows, table bodies) travel in frames of their own: htmx parses a frame
-    in a ``<template>``, where a ``<tr>`` after a ``<div>`` is dropped by the HTML parser.
-    Their order among themselves is kept (a body replaced, then rows appended to it).
+    htmx parses a frame in a ``<template>``, where the HTML parser drops a ``<tr>`` that
+    follows a ``<div>``, and wraps one that follows a ``</tbody>`` in an implied body with no
+    ``hx-swap-oob`` (the update is lost). So rows, table bodies and everything else each travel
+    in frames of their own kind; table fragments keep their order (a body replaced, then rows
+    appended to it, then single rows updated).
     """
     items = list(parts)
     frames: list[str] = []
-    for group in ([p for p in items if not _is_table(p)], [p for p in items if _is_table(p)]):
+    runs: list[tuple[str, list[str]]] = [("other", [p for p in items if _kind(p) == "other"])]
+    for part in (p for p in items if _kind(p) != "other"):
+        if runs[-1][0] != _kind(part):
+            runs.append((_kind(part), []))
+        runs[-1][1].append(part)
+    for _, run in runs:
         current: list[str] = []
         size = 0
-        for part in group:
+        for part in run:
             length = len(part.encode())
             if current and size + length > limit:
                 frames.append("".join(current))
@@ -118,6 +137,7 @@ class LiveHub:
             self._tasks = [
                 loop.create_task(self._listen(), name="live listen"),
                 loop.create_task(self._render_loop(), name="live render"),
+                loop.create_task(self._check_sessions(), name="live sessions"),
             ]
 
     # -- browsers -------------------------------------------------------------------------
@@ -138,6 +158,32 @@ class LiveHub:
             viewer.skipped = False
             viewer.state = None  # it missed updates: a fresh snapshot, not the backlog
             self._wake.set()
+
+    # -- who may still watch -----------------------------------------------------------------
+
+    async def _check_sessions(self) -> None:
+        """Close the sockets of browsers whose session ended (a logout) or whose account was
+        deactivated, within ``SESSION_CHECK`` seconds, on every server process."""
+        while True:
+            await asyncio.sleep(SESSION_CHECK)
+            watching = {v: _viewer_identity(v) for v in self.viewers}
+            if not watching:
+                continue
+            try:
+                allowed = await run_db(
+                    _still_allowed,
+                    {s for s, _ in watching.values()},
+                    {u for _, u in watching.values()},
+                )
+            except Exception as exc:  # the database is away: look again next time
+                log.info("live map: could not check sessions: %s", exc)
+                continue
+            sessions, users = allowed
+            for viewer, (session, user) in watching.items():
+                if session not in sessions or user not in users:
+                    self.leave(viewer)
+                    with contextlib.suppress(Exception):
+                        await viewer.consumer.close(code=CLOSE_SIGNED_OUT)
 
     # -- the channel layer ------------------------------------------------------------------
 
@@ -226,6 +272,23 @@ class LiveHub:
                 log.info("live map: a browser went away while sending: %s", result)
 
 
+def _viewer_identity(viewer: Viewer) -> tuple[str, int]:
+    scope = viewer.consumer.scope
+    session = scope.get("session")
+    return (getattr(session, "session_key", None) or "", getattr(scope.get("user"), "pk", 0))
+
+
+def _still_allowed(sessions: set[str], users: set[int]) -> tuple[set[str], set[int]]:
+    """The sessions that still exist and the users still active (a query per distinct
+    session, one for the users: browsers are a few dozen, not thousands)."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore
+    alive = {key for key in sessions if key and store().exists(key)}
+    active = set(
+        get_user_model().objects.filter(pk__in=users, is_active=True).values_list("pk", flat=True)
+    )
+    return alive, active
+
+
 def _render(
     fresh: set[MapView], targets: set[tuple[MapView, ViewState]], changed: set[int]
 ) -> tuple[dict[MapView, Rendered], dict[tuple[MapView, ViewState], Rendered]]:
@@ -234,21 +297,13 @@ def _render(
     return snapshots, updates
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LiveHub] = weakref.WeakKeyDictionary()
-
-
-def hub() -> LiveHub:
-    """The hub of the running event loop (one per server process)."""
-    loop = asyncio.get_running_loop()
-    found = _hubs.get(loop)
-    if found is None:
-        found = _hubs[loop] = LiveHub()
-    return found
+#: The hub of the running event loop (one per server process).
+hub = PerLoop(LiveHub)
 
 
 async def stop_hub() -> None:
     """For tests: cancel the running loop's hub."""
-    found = _hubs.pop(asyncio.get_running_loop(), None)
+    found = hub.forget()
     if found is not None:
         for task in found._tasks:
             task.cancel()

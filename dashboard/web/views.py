@@ -7,8 +7,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.template.loader import render_to_string
 
-from dashboard import control, leadermap
+from dashboard.web import control, leadermap
 from elections.models import Election
+from elections.permissions import can_operate
 
 
 @login_required
@@ -47,7 +48,7 @@ def election_detail(request: HttpRequest, name: str) -> HttpResponse:
             **leadermap.row_context(leadermap.elections([election.pk]).get()),
             "terms": election.terms.select_related("leader")[:50],
             "commands": control.recent_commands(election),
-            "can_operate": request.user.has_perm("elections.force_stepdown"),
+            "can_operate": can_operate(request.user),
             "transitions": election.transitions.select_related("agent")[:100],
         },
     )
