@@ -176,6 +176,144 @@ def start_redis() -> PrivateRedis:
     return server
 
 
+@dataclass
+class PrivateNats:
+    """A JetStream ``nats-server`` of the test's own, storing in ``workdir``: killed and
+    restarted on the same port, it comes back with its streams (and KV buckets)."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not Path(binary).exists():
+            pytest.fail("nats-server is not installed", pytrace=False)
+        self.proc = subprocess.Popen(
+            [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "nats.log", "ab"),  # noqa: SIM115 - owned by the process
+        )
+        wait_tcp("127.0.0.1", self.port, self.proc, "nats-server")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def remove(self) -> None:
+        self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_nats() -> PrivateNats:
+    server = PrivateNats(free_port(), Path(tempfile.mkdtemp(prefix="electorate-nats-")))
+    server.start()
+    return server
+
+
+#: PostgreSQL refuses to run as root; a private instance runs as this system user.
+PG_USER = "postgres"
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb into a temp dir, trust auth, a free
+    port), that a test may crash (``pg_ctl stop -m immediate``) and start again."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / "data"
+
+    def _run(self, *args: str) -> None:
+        done = subprocess.run(
+            [self._binary(args[0]), *args[1:]],
+            user=self._user(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(args)} failed: {done.stderr}", pytrace=False)
+
+    @staticmethod
+    def _binary(name: str) -> str:
+        # Debian keeps the server binaries off PATH, under the major version.
+        found = shutil.which(name) or next(
+            (
+                str(p)
+                for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+            ),
+            None,
+        )
+        if not found:
+            pytest.fail(f"{name} is not installed (PostgreSQL server binaries)", pytrace=False)
+        return found
+
+    @staticmethod
+    def _user() -> str | None:
+        return PG_USER if os.geteuid() == 0 else None
+
+    def init(self) -> None:
+        if self._user():
+            shutil.chown(self.workdir, PG_USER)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self._binary("postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.workdir),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",  # a crash of the server, not of the machine, loses nothing
+                "-c",
+                "max_connections=50",
+            ],
+            user=self._user(),
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "postgres.log", "ab"),  # noqa: SIM115 - owned by it
+        )
+        wait_tcp("127.0.0.1", self.port, self.proc, "postgres", timeout=30)
+
+    def crash(self) -> None:
+        """Stop as a crash would: no checkpoint, sessions cut, recovery at the next start."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
+            self.proc.wait(10)
+
+    def remove(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_postgres() -> PrivatePostgres:
+    server = PrivatePostgres(free_port(), Path(tempfile.mkdtemp(prefix="electorate-pg-")))
+    server.init()
+    server.start()
+    return server
+
+
 @pytest.fixture(scope="session")
 def pg_dsn() -> str:
     require_tcp("PostgreSQL", *_host_port(PG_DSN, 5432), "It should run on 127.0.0.1:5432.")
