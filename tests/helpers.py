@@ -10,6 +10,8 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import protocol
+
 T = TypeVar("T")
 
 
@@ -31,6 +33,19 @@ async def eventually(
             return value
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+
+
+def hello(agent: str, *names: str) -> protocol.Hello:
+    """A hello announcing raft elections ``names`` (ttl 1 s), as parsed by the dashboard."""
+    return protocol.Hello(
+        agent=agent,
+        elections=[protocol.ElectionInfo(name=n, backend="raft", ttl=1) for n in names],
+    )
+
+
+def parsed_event(*args: Any, **kwargs: Any) -> protocol.Event:
+    """``event(...)`` as the dashboard's validation hands it on."""
+    return protocol.Event.model_validate(event(*args, **kwargs))
 
 
 def event(seq: int, election: str, to: str = "leader", token: int = 1, **extra: Any) -> dict:

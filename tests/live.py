@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,14 @@ class LiveDashboard:
 
 
 def start_dashboard(
-    workdir: Path, *, production: bool, extra_env: dict[str, str] | None = None
+    workdir: Path,
+    *,
+    production: bool,
+    extra_env: dict[str, str] | None = None,
+    database_server: str = PG_DSN,
 ) -> LiveDashboard:
+    """A dashboard server process; in production mode its fresh database is created on
+    ``database_server`` (the shared PostgreSQL unless a test brings its own)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DEBUG")}
@@ -131,9 +138,9 @@ def start_dashboard(
     dashboard = LiveDashboard(url=f"http://127.0.0.1:{port}", env=env, workdir=workdir)
     if production:
         name = "electorate_live_" + secrets.token_hex(4)
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with psycopg.connect(database_server, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        base = PG_DSN.rsplit("/", 1)[0]
+        base = database_server.rsplit("/", 1)[0]
         env["DATABASE_URL"] = f"{base}/{name}"
         env["REDIS_URL"] = REDIS_URL.rsplit("/", 1)[0] + "/13"
         env["ELECTORATE_CHANNEL_PREFIX"] = name
@@ -143,7 +150,7 @@ def start_dashboard(
         env["ELECTORATE_CELERY_QUEUE"] = name
 
         def drop() -> None:
-            with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            with psycopg.connect(database_server, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
         dashboard.cleanup.append(drop)
@@ -210,6 +217,61 @@ def log_in(dashboard: LiveDashboard, username: str, password: str) -> str:
     return session
 
 
+def api(dashboard: Any, token: str, method: str, path: str, body: Any = None) -> Any:
+    """A JSON API call to ``dashboard`` (anything with a ``url``) with a bearer token. An HTTP
+    error answers ``{"status": code, **its JSON body}`` rather than raising."""
+    request = urllib.request.Request(
+        dashboard.url + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode(errors="replace")
+        try:
+            return {"status": exc.code, **json.loads(text)}
+        except ValueError:
+            return {"status": exc.code, "error": text}
+
+
+def log_out(dashboard: LiveDashboard, session: str) -> None:
+    """Sign out through the logout form, as the page's button does."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    host = urllib.parse.urlsplit(dashboard.url).hostname or "127.0.0.1"
+    jar.set_cookie(
+        http.cookiejar.Cookie(
+            0,
+            "sessionid",
+            session,
+            None,
+            False,
+            host,
+            False,
+            False,
+            "/",
+            True,
+            False,
+            None,
+            False,
+            None,
+            None,
+            {},
+        )
+    )
+    opener.open(dashboard.url + "/login/", timeout=10).read()
+    csrf = next(c.value for c in jar if c.name == "csrftoken")
+    request = urllib.request.Request(
+        dashboard.url + "/logout/",
+        data=urllib.parse.urlencode({"csrfmiddlewaretoken": csrf}).encode(),
+        headers={"Referer": dashboard.url + "/"},
+    )
+    opener.open(request, timeout=10).read()
+
+
 async def open_live(dashboard: LiveDashboard, session: str, query: str = "") -> ClientConnection:
     """The browser's live websocket (``/ws/live/``), with the session cookie and an Origin."""
     return await connect(
@@ -222,7 +284,7 @@ async def open_live(dashboard: LiveDashboard, session: str, query: str = "") -> 
 @contextlib.contextmanager
 def demo_fleet(dashboard: LiveDashboard, directory: Path) -> Iterator[dict[str, subprocess.Popen]]:
     """The demo's three raft agents, as real processes, reporting to ``dashboard``."""
-    from dashboard import demo
+    from demo import fleet as demo
 
     tokens = {a: dashboard.token(a) for a in demo.AGENTS}
     ports = [free_port() for _ in range(len(demo.AGENTS) * 4)]
@@ -336,3 +398,45 @@ async def hello_many(
     )
     assert (await frame(ws))["type"] == "ack"
     return ws
+
+
+def link_agents(
+    dashboard: LiveDashboard, workdir: Path, ids: list[str]
+) -> Callable[[int, dict[str, Any]], None]:
+    """A ``Cluster`` ``configure`` hook: agent ``i`` reports to ``dashboard`` as ``ids[i]``,
+    with a token of its own and a spool file that survives its restarts."""
+    tokens = dashboard.tokens(ids)
+
+    def configure(i: int, raw: dict[str, Any]) -> None:
+        token_file = workdir / f"{ids[i]}.token"
+        token_file.write_text(tokens[ids[i]])
+        raw["agent"].update(
+            dashboard=dashboard.ws_agent,
+            token_file=str(token_file),
+            spool=str(workdir / f"{ids[i]}.spool"),
+            heartbeat="1s",
+        )
+
+    return configure
+
+
+def stored_history(
+    dashboard: LiveDashboard, ids: list[str], election: str
+) -> tuple[dict[str, list[dict]], list[dict]]:
+    """What the dashboard stored: every transition of these agents (by agent, in seq order),
+    and the terms it derived for ``election`` (oldest first)."""
+    out = dashboard.manage(
+        "shell",
+        "-c",
+        "import json; from elections.models import Term, Transition as T; "
+        f"rows = T.objects.filter(agent_id__in={ids!r}).order_by('agent_id', 'seq').values("
+        "'agent_id', 'seq', 'election__name', 'from_state', 'to_state', 'token', 'agent_time'); "
+        f"terms = Term.objects.filter(election__name={election!r}).order_by('token').values("
+        "'leader_id', 'token', 'started', 'ended', 'end_reason'); "
+        "print(json.dumps([list(rows), list(terms)], default=str))",
+    )
+    rows, terms = json.loads(out.strip().splitlines()[-1])
+    stored: dict[str, list[dict]] = {a: [] for a in ids}
+    for row in rows:
+        stored[row["agent_id"]].append(row)
+    return stored, terms

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from agent import protocol
+import protocol
 from agent.config import ConfigError, load_config
 from agent.link import DashboardLink
 from agent.service import Agent

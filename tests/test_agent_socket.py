@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent import protocol
+import protocol
 from tests.helpers import event
 from tests.live import LiveDashboard, frame, open_agent
 

@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 from django.http import HttpRequest, JsonResponse
 from django.test import Client, RequestFactory
 
-from dashboard.api import api_auth, api_login_required
+from dashboard.auth import api_auth
 from elections import audit
 from elections.models import ApiToken, AuditEntry
 from elections.tokens import digest
@@ -131,10 +131,6 @@ def test_bearer_requests_need_no_csrf_token_but_session_requests_do(ann: Any) ->
     request = factory.get("/api/v1/x")
     request.user = ann
     assert whoami(request).status_code == 200
-
-
-def test_the_old_decorator_name_still_works() -> None:
-    assert api_login_required is api_auth
 
 
 def test_exports_accept_a_bearer_token_too(client: Client, ann: Any) -> None:

@@ -13,7 +13,7 @@ from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from agent import protocol
+import protocol
 from elections import actions, audit
 from elections.models import AgentToken, AuditEntry
 from elections.tokens import digest
@@ -268,3 +268,24 @@ def test_the_admin_shows_entries_but_cannot_change_them(django_user_model: Any) 
     assert client.post(f"/admin/elections/auditentry/{entry.pk}/delete/").status_code == 403
     client.post(f"/admin/elections/auditentry/{entry.pk}/change/", {"actor": "mallory"})
     assert audit.verify().ok
+
+
+def test_deleting_the_newest_entries_is_caught_by_a_head_published_earlier(tmp_path) -> None:
+    heads = tmp_path / "audit-heads.ndjson"
+    for i in range(3):
+        audit.record("system", "test", "paused", f"e/{i}")
+    first = audit.publish_head(heads)
+    assert first is not None
+    assert audit.publish_head(heads, first[1]) == first  # unchanged: nothing appended
+    audit.record("system", "test", "resumed", "e/3")
+    audit.publish_head(heads, first[1])
+    assert [h for _, h in audit.read_heads(heads)] == [first[1], audit.head()[1]]
+    call_command("verify_audit", "--heads-file", str(heads), stdout=open("/dev/null", "w"))  # noqa: SIM115
+
+    AuditEntry.objects.filter(pk=audit.head()[0]).delete()  # the end of the log, gone
+    assert audit.verify().ok  # the chain alone cannot tell
+    with pytest.raises(CommandError) as info:
+        call_command("verify_audit", "--heads-file", str(heads), stdout=open("/dev/null", "w"))  # noqa: SIM115
+    assert "no longer in the log" in str(info.value)
+    with pytest.raises(CommandError):
+        call_command("verify_audit", "--head", "f" * 64, stdout=open("/dev/null", "w"))  # noqa: SIM115

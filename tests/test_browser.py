@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from dashboard import demo
+from demo import fleet as demo
 from tests.live import LiveDashboard, create_user, demo_fleet, start_dashboard
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]

@@ -8,7 +8,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
 
-from agent import protocol
+import protocol
 from elections import actions, commands
 from elections.models import AuditEntry, Command, Election
 

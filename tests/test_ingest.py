@@ -6,36 +6,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent import protocol
+import protocol
 from elections import actions, terms
 from elections.models import Agent, AuditEntry, Election, Membership, Term, Transition
+from tests.helpers import hello, parsed_event
 
 pytestmark = pytest.mark.django_db
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
-def hello(agent: str, *elections: str) -> protocol.Hello:
-    return protocol.Hello(
-        agent=agent,
-        elections=[protocol.ElectionInfo(name=e, backend="raft", ttl=1) for e in elections],
-    )
-
-
 def ev(
     seq: int, to: str, token: int, *, frm: str = "candidate", at: int = 0, **kw
 ) -> protocol.Event:
-    return protocol.Event.model_validate(
-        {
-            "seq": seq,
-            "election": "e/1",
-            "from": frm,
-            "to": to,
-            "token": token,
-            "at": T0 + timedelta(seconds=at),
-            **kw,
-        }
-    )
+    return parsed_event(seq, "e/1", to, token, from_=frm, at=T0 + timedelta(seconds=at), **kw)
 
 
 def test_it_acks_the_highest_contiguous_seq_and_ignores_replays() -> None:

@@ -8,34 +8,19 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from agent import protocol
+import protocol
 from elections import actions
 from elections.ingest import Frame, ingest_frames
 from elections.models import Agent, Election, Membership, Term, Transition
+from tests.helpers import hello, parsed_event
 
 pytestmark = pytest.mark.django_db
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
-def hello(agent: str, names: list[str]) -> protocol.Hello:
-    return protocol.Hello(
-        agent=agent,
-        elections=[protocol.ElectionInfo(name=n, backend="raft", ttl=1) for n in names],
-    )
-
-
 def won(seq: int, election: str, token: int, at: int = 0) -> protocol.Event:
-    return protocol.Event.model_validate(
-        {
-            "seq": seq,
-            "election": election,
-            "from": "candidate",
-            "to": "leader",
-            "token": token,
-            "at": T0 + timedelta(seconds=at),
-        }
-    )
+    return parsed_event(seq, election, "leader", token, at=T0 + timedelta(seconds=at))
 
 
 def statements(call) -> int:
@@ -45,18 +30,18 @@ def statements(call) -> int:
 
 
 def test_a_hello_costs_the_same_for_one_election_or_a_hundred() -> None:
-    one = statements(lambda: actions.register_agent(hello("a", ["e/0"])))
-    many = statements(lambda: actions.register_agent(hello("b", [f"e/{i}" for i in range(100)])))
+    one = statements(lambda: actions.register_agent(hello("a", *["e/0"])))
+    many = statements(lambda: actions.register_agent(hello("b", *[f"e/{i}" for i in range(100)])))
     assert many == one
-    again = statements(lambda: actions.register_agent(hello("b", [f"e/{i}" for i in range(100)])))
+    again = statements(lambda: actions.register_agent(hello("b", *[f"e/{i}" for i in range(100)])))
     assert again <= one
     assert Membership.objects.filter(agent_id="b").count() == 100
 
 
 def test_a_frame_costs_the_same_for_one_event_or_a_hundred() -> None:
     names = [f"e/{i}" for i in range(100)]
-    actions.register_agent(hello("a", names))
-    actions.register_agent(hello("b", names))
+    actions.register_agent(hello("a", *names))
+    actions.register_agent(hello("b", *names))
     actions.ingest_events("a", [won(1, "e/0", 1), won(2, "e/1", 1)])
 
     one = statements(lambda: actions.ingest_events("b", [won(1, "e/0", 2)]))  # ends a's term
@@ -71,7 +56,7 @@ def test_a_frame_costs_the_same_for_one_event_or_a_hundred() -> None:
 
 
 def test_a_replayed_frame_costs_little_and_changes_nothing() -> None:
-    actions.register_agent(hello("a", ["e/0"]))
+    actions.register_agent(hello("a", *["e/0"]))
     frame = [won(1, "e/0", 1), won(2, "e/0", 2, at=1)]
     actions.ingest_events("a", frame)
     before = list(Transition.objects.values_list("pk", flat=True))
@@ -82,8 +67,8 @@ def test_a_replayed_frame_costs_little_and_changes_nothing() -> None:
 
 
 def test_frames_of_many_agents_share_one_transaction_and_keep_their_order() -> None:
-    actions.register_agent(hello("a", ["e/0"]))
-    actions.register_agent(hello("b", ["e/0"]))
+    actions.register_agent(hello("a", *["e/0"]))
+    actions.register_agent(hello("b", *["e/0"]))
     results = ingest_frames(
         [
             Frame("a", [won(1, "e/0", 5)]),
@@ -98,8 +83,8 @@ def test_frames_of_many_agents_share_one_transaction_and_keep_their_order() -> N
 
 
 def test_an_older_token_later_in_a_batch_never_takes_the_seat() -> None:
-    actions.register_agent(hello("a", ["e/0"]))
-    actions.register_agent(hello("b", ["e/0"]))
+    actions.register_agent(hello("a", *["e/0"]))
+    actions.register_agent(hello("b", *["e/0"]))
     ingest_frames([Frame("b", [won(1, "e/0", 9, at=5)]), Frame("a", [won(1, "e/0", 4)])])
     election = Election.objects.get()
     assert (election.leader_id, election.token) == ("b", 9)
@@ -112,7 +97,7 @@ def test_an_older_token_later_in_a_batch_never_takes_the_seat() -> None:
 
 
 def test_a_gap_is_found_again_after_a_restart_of_the_dashboard() -> None:
-    actions.register_agent(hello("a", ["e/0"]))
+    actions.register_agent(hello("a", *["e/0"]))
     assert actions.ingest_events("a", [won(1, "e/0", 1), won(3, "e/0", 3)]).acked == 1
     assert Agent.objects.get(pk="a").max_seq == 3
     assert actions.ingest_events("a", [won(2, "e/0", 2)]).acked == 3
@@ -121,8 +106,8 @@ def test_a_gap_is_found_again_after_a_restart_of_the_dashboard() -> None:
 
 
 def test_a_late_close_of_an_old_session_does_not_mark_the_agent_offline() -> None:
-    actions.register_agent(hello("a", ["e/0"]), session="old")
-    actions.register_agent(hello("a", ["e/0"]), session="new")  # reconnected elsewhere
+    actions.register_agent(hello("a", *["e/0"]), session="old")
+    actions.register_agent(hello("a", *["e/0"]), session="new")  # reconnected elsewhere
     actions.agent_disconnected("a", "old")
     assert Agent.objects.get(pk="a").connected
     actions.agent_disconnected("a", "new")

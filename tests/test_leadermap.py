@@ -9,9 +9,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from agent import protocol
-from dashboard import leadermap, live
-from dashboard.leadermap import MapFilter, MapView
+import protocol
+from dashboard.web import leadermap, live
+from dashboard.web.leadermap import MapFilter, MapView
 from elections import actions
 from elections.models import Election
 
@@ -168,3 +168,13 @@ def test_frames_stay_under_the_limit_and_keep_table_parts_apart() -> None:
         assert ("<div" in text or "<section" in text or "<nav" in text) != table
     body = "".join(f for f in frames if f.startswith("<tbody"))
     assert body.count("<tr id=") == leadermap.PAGE_SIZE
+
+
+def test_a_row_update_never_shares_a_frame_with_a_table_body() -> None:
+    # In the <template> htmx parses a frame in, a <tr> after a </tbody> lands in an implied
+    # body without hx-swap-oob: the row update is dropped (htmx:oobErrorNoTarget). This is
+    # what an update looks like when the attention list and a page row change together.
+    body = '<tbody hx-swap-oob="beforeend:#attention-rows"><tr id="attention-9"></tr></tbody>'
+    row = '<tr id="election-9" hx-swap-oob="true"></tr>'
+    frames = live.pack(["<div id='summary'></div>", body, body, row, row, body], 8 * 1024)
+    assert frames == ["<div id='summary'></div>", body + body, row + row, body]

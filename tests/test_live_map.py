@@ -11,8 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, expect
+from websockets.exceptions import ConnectionClosed
 
-from dashboard import live
+from dashboard.web import live
 from tests.helpers import event, run_async
 from tests.live import (
     LiveDashboard,
@@ -21,6 +22,7 @@ from tests.live import (
     frame,
     hello_many,
     log_in,
+    log_out,
     open_live,
     start_dashboard,
 )
@@ -112,6 +114,40 @@ async def test_a_browser_that_falls_behind_gets_a_snapshot_not_the_backlog(
     await slow.ws.close()
 
 
+async def test_a_browser_socket_closes_when_its_session_ends_or_its_account_is_disabled(
+    small_frames: LiveDashboard,
+) -> None:
+    create_user(small_frames, "leaver", "leaver-password-1")
+    signed_out = LiveViewer(
+        await open_live(small_frames, log_in(small_frames, "leaver", "leaver-password-1"))
+    )
+    session = log_in(small_frames, "leaver", "leaver-password-1")
+    other = LiveViewer(await open_live(small_frames, session))
+    await signed_out.next()
+    await other.next()
+    log_out(small_frames, signed_out.ws.request.headers["Cookie"].split("=", 1)[1])
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await signed_out.next(timeout=10)
+    assert info.value.rcvd.code == live.CLOSE_SIGNED_OUT
+    # The same user's other browser is still signed in...
+    await asyncio.sleep(live.SESSION_CHECK + 0.5)
+    assert other.ws.state.name == "OPEN"
+    # ...until the account is disabled.
+    small_frames.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; "
+        "User.objects.filter(username='leaver').update(is_active=False)",
+    )
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await other.next(timeout=10)
+    assert info.value.rcvd.code == live.CLOSE_SIGNED_OUT
+
+
+# Async tests run before the browser test: Playwright's sync API keeps an event loop running
+# in this thread for the rest of the module.
 def test_paging_and_live_rows_in_a_real_browser(
     browser: Browser,  # noqa: F811
     small_frames: LiveDashboard,

@@ -9,20 +9,14 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agent import protocol
+import protocol
 from elections import actions, heartbeats, liveness
 from elections.models import Agent, Election, Membership
+from tests.helpers import hello
 
 pytestmark = pytest.mark.django_db
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-
-def hello(agent: str, *names: str) -> protocol.Hello:
-    return protocol.Hello(
-        agent=agent,
-        elections=[protocol.ElectionInfo(name=n, backend="raft", ttl=1) for n in names],
-    )
 
 
 def beat(**states: protocol.ElectionState) -> protocol.Heartbeat:

@@ -8,7 +8,7 @@ import pytest
 from django.core.cache import cache
 from django.test import Client
 
-from dashboard import throttle
+from dashboard.web import throttle
 from elections.models import AuditEntry
 
 pytestmark = pytest.mark.django_db

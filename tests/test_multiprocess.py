@@ -5,17 +5,15 @@ either process see the new leader."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.live import (
     LiveDashboard,
     LiveViewer,
+    api,
     create_user,
     demo_fleet,
     log_in,
@@ -51,17 +49,6 @@ def fleet(first: LiveDashboard, tmp_path_factory) -> Iterator[dict]:
     # The agents talk to process 1 only.
     with demo_fleet(first, tmp_path_factory.mktemp("mp-fleet")) as procs:
         yield procs
-
-
-def api(dashboard: LiveDashboard, token: str, method: str, path: str, body: Any = None) -> Any:
-    request = urllib.request.Request(
-        dashboard.url + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 async def test_a_step_down_through_process_2_reaches_an_agent_on_process_1(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from django.test import Client
 
-from agent import protocol
+import protocol
 from elections import actions
 
 pytestmark = pytest.mark.django_db

@@ -61,7 +61,14 @@
     if (el) el.textContent = text;
   }
   document.addEventListener("htmx:wsOpen", function () { setLive("live updates: connected"); });
-  document.addEventListener("htmx:wsClose", function () { setLive("live updates: reconnecting…"); });
+  document.addEventListener("htmx:wsClose", function (ev) {
+    // 4401: signed out or deactivated elsewhere; reloading leads to the login form.
+    if (ev.detail && ev.detail.event && ev.detail.event.code === 4401) {
+      window.location.reload();
+      return;
+    }
+    setLive("live updates: reconnecting…");
+  });
 
   // Keyboard: "/" finds, j/k move between elections (attention list first), Enter opens the
   // focused one, [ and ] turn the page.
