@@ -274,6 +274,54 @@ def measure(
     }
 
 
+def run_scenarios(
+    names: list[str],
+    elections: int,
+    cpu_seconds: float,
+    *,
+    with_dashboard: bool = True,
+    mix: tuple[str, ...] = MIXED,
+) -> tuple[list[dict[str, Any]], int]:
+    """Measure each scenario in turn; the rows, and how many scenarios failed."""
+    run = uuid.uuid4().hex[:8]
+    env = Env(run)
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    used: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="electorate-footprint-") as tmp:
+        dashboard = None
+        try:
+            if with_dashboard:
+                from tests.live import start_dashboard
+
+                dashboard = start_dashboard(Path(tmp) / "dashboard", production=False)
+            for name in names:
+                pool = mix if name == "mixed" else (name,)
+                backends = [pool[i % len(pool)] for i in range(elections)]
+                used.update(backends)
+                print(f"{name}: starting {elections} elections...", file=sys.stderr)
+                try:
+                    workdir = Path(tmp) / name
+                    row = measure(name, backends, env, workdir, dashboard, cpu_seconds)
+                except (RuntimeError, pytest.fail.Exception) as exc:
+                    print(f"{name}: {exc}", file=sys.stderr)
+                    failures += 1
+                    continue
+                rows.append(row)
+        finally:
+            if dashboard:
+                dashboard.stop()
+            try:
+                env.cleanup(used)
+            finally:
+                env.stop()
+    return rows, failures
+
+
+def target_mb(row: dict[str, Any]) -> float:
+    return TARGET_ONE_BACKEND_MB if len(row["backends"]) == 1 else TARGET_MB
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -293,39 +341,9 @@ def main() -> int:
     if unknown := [n for n in mix if n not in MIXED]:
         parser.error(f"unknown backend(s) in --mix: {', '.join(unknown)}")
 
-    run = uuid.uuid4().hex[:8]
-    env = Env(run)
-    rows: list[dict[str, Any]] = []
-    failures = 0
-    used: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="electorate-footprint-") as tmp:
-        dashboard = None
-        try:
-            if not args.no_dashboard:
-                from tests.live import start_dashboard
-
-                dashboard = start_dashboard(Path(tmp) / "dashboard", production=False)
-            for name in names:
-                pool = mix if name == "mixed" else (name,)
-                backends = [pool[i % len(pool)] for i in range(args.elections)]
-                used.update(backends)
-                print(f"{name}: starting {args.elections} elections...", file=sys.stderr)
-                try:
-                    workdir = Path(tmp) / name
-                    row = measure(name, backends, env, workdir, dashboard, args.cpu_seconds)
-                except (RuntimeError, pytest.fail.Exception) as exc:
-                    print(f"{name}: {exc}", file=sys.stderr)
-                    failures += 1
-                    continue
-                rows.append(row)
-        finally:
-            if dashboard:
-                dashboard.stop()
-            try:
-                env.cleanup(used)
-            finally:
-                env.stop()
-
+    rows, failures = run_scenarios(
+        names, args.elections, args.cpu_seconds, with_dashboard=not args.no_dashboard, mix=mix
+    )
     print()
     print(
         f"one agent process, ttl {TTL}, backend default intervals, "
@@ -337,7 +355,7 @@ def main() -> int:
         f"{'imports MB':>10} {'modules':>7} {'threads':>7} {'CPU %':>6}  target"
     )
     for row in rows:
-        target = TARGET_ONE_BACKEND_MB if len(row["backends"]) == 1 else TARGET_MB
+        target = target_mb(row)
         verdict = "ok" if row["rss"] < target else "OVER"
         print(
             f"{row['name']:9} {row['elections']:9d} {row['settle']:8.1f} {row['rss']:7.1f} "

@@ -44,6 +44,8 @@ class SimAgent:
     #: seq -> monotonic send time, until acked.
     sent_at: dict[int, float] = field(default_factory=dict)
     ack_latencies: list[float] = field(default_factory=list)
+    #: When the last ack arrived (monotonic; 0: none yet).
+    last_ack_at: float = 0.0
     errors: list[str] = field(default_factory=list)
     _acked: asyncio.Event = field(default_factory=asyncio.Event)
     _reader: asyncio.Task[None] | None = None
@@ -84,6 +86,7 @@ class SimAgent:
                     for seq in [s for s in self.sent_at if s <= message["seq"]]:
                         self.ack_latencies.append(now - self.sent_at.pop(seq))
                     self.acked = max(self.acked, message["seq"])
+                    self.last_ack_at = now
                     self._acked.set()
                 elif message.get("type") == "error":
                     self.errors.append(f"{message['code']}: {message['message']}")

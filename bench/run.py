@@ -1,7 +1,7 @@
 """``make bench``: the fleet benchmarks against a production-mode server on this machine,
 with real websocket clients, printed as one table with each figure beside its target.
 
-    .venv/bin/python bench/run.py                     # everything (about 15 minutes)
+    .venv/bin/python bench/run.py                     # everything (about 20 minutes)
     .venv/bin/python bench/run.py --only ingest,map   # some parts
     .venv/bin/python bench/run.py --quick             # tiny sizes: checks the benches run
 
@@ -47,11 +47,34 @@ class Sizes:
     map_elections: int
     stepdown_runs: int
     repeat: int = 10
+    #: Transitions a frame in the burst row of the ingest part.
+    ingest_batch: int = 10
+    #: A load one server carries (single-transition frames): ack latency when not overloaded.
+    ingest_sustained_rate: float = 500.0
+    agent_elections: int = 100
+    agent_cpu_seconds: float = 20.0
+    #: One backend with a server, one without, and all six at once.
+    agent_scenarios: tuple[str, ...] = ("raft", "redis", "mixed")
 
 
 FULL = Sizes((100, 1000), 5000.0, 20.0, 5000, 30.0, (1, 100, 1000), 200, 5000, 5)
-QUICK = Sizes((5,), 50.0, 2.0, 20, 3.0, (2,), 5, 120, 1, repeat=2)
-PARTS = ("ingest", "heartbeats", "latency", "map", "stepdown")
+QUICK = Sizes(
+    (5,),
+    50.0,
+    2.0,
+    20,
+    3.0,
+    (2,),
+    5,
+    120,
+    1,
+    repeat=2,
+    ingest_batch=3,
+    ingest_sustained_rate=20.0,
+    agent_elections=5,
+    agent_cpu_seconds=2,
+)
+PARTS = ("ingest", "heartbeats", "latency", "map", "stepdown", "agent")
 
 
 def ms(seconds: float) -> str:
@@ -68,15 +91,29 @@ async def with_dashboard(
         await asyncio.to_thread(dashboard.stop)
 
 
+def _once(f: ingest.IngestFigures) -> str:
+    if f.exactly_once:
+        return "exactly once"
+    return (
+        f"NOT exactly once: stored {f.stored} of {f.sent}, {f.duplicates} twice, "
+        f"{f.unacked} unacked {ingest.DRAIN:.0f} s after the load ended"
+    )
+
+
 async def part_ingest(d: server.Dashboard, sizes: Sizes) -> list[Row]:
+    most = max(sizes.ingest_agents)
+    runs = [(agents, 1, sizes.ingest_rate) for agents in sizes.ingest_agents]
+    runs.append((most, sizes.ingest_batch, sizes.ingest_rate))
+    runs.append((most, 1, sizes.ingest_sustained_rate))
     rows = []
-    for agents in sizes.ingest_agents:
-        f = await ingest.run(d, agents=agents, rate=sizes.ingest_rate, seconds=sizes.ingest_seconds)
+    for agents, batch, rate in runs:
+        f = await ingest.run(d, agents=agents, rate=rate, seconds=sizes.ingest_seconds, batch=batch)
+        shape = "a transition a frame" if batch == 1 else f"bursts of {batch} a frame"
         rows.append(
             Row(
-                f"ingest, {agents} agents, a transition a frame, {sizes.ingest_rate:.0f}/s offered",
+                f"ingest, {agents} agents, {shape}, {rate:.0f}/s offered",
                 f"{f.per_second:.0f}/s acked; ack p50 {ms(f.ack_p50)}, p99 {ms(f.ack_p99)}; "
-                f"{'exactly once' if f.exactly_once else f'stored {f.stored} of {f.sent}'}",
+                + _once(f),
                 ">= 5,000/s, p99 < 250 ms, exactly once",
                 f.per_second >= 5000 and f.ack_p99 < 0.25 and f.exactly_once,
             )
@@ -168,6 +205,30 @@ async def part_stepdown(d: server.Dashboard, sizes: Sizes, workdir: Path) -> lis
     return rows
 
 
+async def part_agent(sizes: Sizes) -> list[Row]:
+    """One agent process with 100 elections: RSS and CPU (it starts its own dashboard)."""
+    from bench import agent_footprint
+
+    measured, failures = await asyncio.to_thread(
+        agent_footprint.run_scenarios,
+        list(sizes.agent_scenarios),
+        sizes.agent_elections,
+        sizes.agent_cpu_seconds,
+    )
+    rows = [
+        Row(
+            f"agent, {m['elections']} elections, {m['name']}",
+            f"RSS {m['rss']:.1f} MB ({m['imports']:.1f} MB imports), CPU {m['cpu']:.1f} %",
+            f"< {agent_footprint.target_mb(m):.0f} MB",
+            m["rss"] < agent_footprint.target_mb(m),
+        )
+        for m in measured
+    ]
+    if failures:
+        rows.append(Row("agent footprint", f"{failures} scenario(s) failed", "", False))
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     width = max(len(r.figure) for r in rows)
     lines = [f"{'figure':<{width}}  {'measured':<70}  target"]
@@ -192,6 +253,9 @@ async def collect(parts: list[str], sizes: Sizes, processes: int) -> list[Row]:
         for part in parts:
             print(f"-- {part}", file=sys.stderr, flush=True)
             try:
+                if part == "agent":
+                    rows += await part_agent(sizes)
+                    continue
                 rows += await with_dashboard(work / part, processes, jobs[part])
             except Exception as exc:  # one broken part must not hide the others' figures
                 rows.append(Row(part, f"failed: {exc}"[:200], "", False))

@@ -5,18 +5,15 @@ another leader with a newer token."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench.fleet import median
 from bench.server import Dashboard
 from tests.backends.conformance import AgentProcess, Target, toml_dumps
 from tests.helpers import free_port
+from tests.live import api
 
 
 @dataclass
@@ -30,25 +27,11 @@ class StepdownFigures:
         return median(self.times)
 
 
-def _call(dashboard: Dashboard, token: str, method: str, path: str, body: Any = None) -> Any:
-    request = urllib.request.Request(
-        dashboard.url + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return {"error": exc.code, "body": exc.read().decode(errors="replace")}
-
-
 async def _settled(dashboard: Dashboard, token: str, name: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     data: dict = {}
     while time.monotonic() < deadline:
-        data = await asyncio.to_thread(_call, dashboard, token, "GET", f"/api/v1/elections/{name}")
+        data = await asyncio.to_thread(api, dashboard, token, "GET", f"/api/v1/elections/{name}")
         members = data.get("members", [])
         if (
             data.get("status") == "led"
@@ -96,7 +79,7 @@ async def run(
                 before = await _settled(dashboard, api_token, election, 30)
                 started = time.monotonic()
                 answer = await asyncio.to_thread(
-                    _call,
+                    api,
                     dashboard,
                     api_token,
                     "POST",
@@ -107,7 +90,7 @@ async def run(
                     raise AssertionError(f"refused: {answer}")
                 while True:
                     data = await asyncio.to_thread(
-                        _call, dashboard, api_token, "GET", f"/api/v1/elections/{election}"
+                        api, dashboard, api_token, "GET", f"/api/v1/elections/{election}"
                     )
                     if (
                         data.get("leader")
