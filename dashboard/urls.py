@@ -23,6 +23,7 @@ urlpatterns = [
     path("api/v1/elections", api.elections, name="api-elections"),
     path("api/v1/elections/<path:name>/terms", api.terms, name="api-terms"),
     path("api/v1/elections/<path:name>/step-down", api_control.stepdown, name="api-stepdown"),
+    path("api/v1/elections/<path:name>/pause", api_control.pause, name="api-pause"),
     path("api/v1/elections/<path:name>", api.election, name="api-election"),
     path("api/v1/agents", api.agents, name="api-agents"),
     path("api/v1/audit", api.audit, name="api-audit"),
