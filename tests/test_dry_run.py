@@ -3,7 +3,9 @@ the same judgement, so the two can never disagree."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Group, User
@@ -11,11 +13,14 @@ from django.core.management import CommandError, call_command
 from django.db import transaction
 from django.test import Client
 from django.utils import timezone
+from playwright.sync_api import expect, sync_playwright
 
 import protocol
 from elections import actions, commands, heartbeats
 from elections.models import Agent, AuditEntry, Command, Membership
 from tests.helpers import hello, parsed_event
+from tests.live import LiveDashboard, create_user, demo_fleet
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.django_db
 
@@ -163,3 +168,48 @@ def test_ctl_switchover_dry_run(operator: User, fleet: None, capsys) -> None:
     with pytest.raises(CommandError, match="would be refused"):
         call_command(*args, "--to", "c")
     assert not Command.objects.exists()
+
+
+# -- end to end: real agents, a real browser ---------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.live
+def test_the_dialog_s_dry_run_button_with_real_agents(
+    embedded_dashboard: LiveDashboard, tmp_path: Path
+) -> None:
+    """Real raft agents report who they follow: the follower that may vote could take over,
+    the no-vote member (web-3 in search/shard-2) could not; nothing is sent."""
+    dashboard = embedded_dashboard
+    create_user(dashboard, "sre", "correct-horse-battery")
+    with demo_fleet(dashboard, tmp_path), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(dashboard.url + "/login/?next=/elections/search/shard-2/")
+        page.get_by_label("Username").fill("sre")
+        page.get_by_label("Password").fill("correct-horse-battery")
+        page.get_by_role("button", name="Log in").click()
+        # The leader and both followers' views arrive with the first heartbeats.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            page.reload()
+            if page.get_by_role("button", name="Step down / switch over…").count():
+                break
+            time.sleep(0.5)
+        leader = page.get_by_test_id("leader").inner_text()
+        assert leader in ("web-1", "web-2")
+        follower = {"web-1": "web-2", "web-2": "web-1"}[leader]
+        time.sleep(4)  # one more heartbeat: every follower's view of the leader is stored
+        page.get_by_role("button", name="Step down / switch over…").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_role("button", name="Dry run").click()
+        verdict = dialog.get_by_test_id("dry-run")
+        expect(verdict).to_contain_text("would be sent. Nothing was sent.")
+        expect(verdict.locator(f'tr[data-candidate="{leader}"]')).to_contain_text("the leader")
+        expect(verdict.locator(f'tr[data-candidate="{follower}"] td').nth(2)).to_have_text("yes")
+        expect(verdict.locator('tr[data-candidate="web-3"]')).to_contain_text("no-vote")
+        browser.close()
+    count = dashboard.manage(
+        "shell", "-c", "from elections.models import Command; print(Command.objects.count())"
+    )
+    assert count.split()[-1] == "0"
