@@ -224,6 +224,7 @@ def test_an_operator_forgets_an_offline_agent_which_a_hello_brings_back(operator
     assert post_confirmed(operator, "/agents/off/forget") == 302
     assert 'data-agent="off"' not in operator.get("/agents/").content.decode()
     assert operator.get("/agents/off/").status_code == 404
+    assert [a["id"] for a in operator.get("/api/v1/agents").json()["agents"]] == ["on"]
     assert list(Membership.objects.values_list("agent_id", flat=True)) == ["on"]
     entry = AuditEntry.objects.get(action=AuditEntry.Action.AGENT_FORGOTTEN)
     assert (entry.actor, entry.target, entry.detail["memberships"]) == ("oncall", "off", 1)

@@ -141,3 +141,15 @@ def test_the_api_pause_needs_the_permission(operator: User) -> None:
         f"/api/v1/elections/{NAME}/pause", {"reason": "x"}, content_type="application/json"
     )
     assert answer.status_code == 403 and not election().paused
+
+
+def test_the_map_shows_the_window_and_drops_it_when_it_ends(operator: User) -> None:
+    client = Client()
+    client.force_login(operator)
+    until = timezone.now() + timedelta(hours=1)
+    commands.set_paused(operator, NAME, True, "kernel", until=until)
+    row = client.get("/").content.decode().split(f'data-election="{NAME}"')[1].split("</tr>")[0]
+    assert f"paused until {until:%H:%M}" in row
+    commands.end_windows(now=until)
+    row = client.get("/").content.decode().split(f'data-election="{NAME}"')[1].split("</tr>")[0]
+    assert 'data-testid="paused"' not in row
