@@ -15,7 +15,7 @@ from elections.broadcast import elections_changed
 from elections.models import Agent, Election, Membership
 from elections.permissions import Refused, User, actor, require_operator
 from elections.serializers import iso
-from elections.zombies import orphans, zombie_q
+from elections.zombies import is_zombie, orphans
 
 
 @transaction.atomic
@@ -26,8 +26,7 @@ def forget_membership(user: User, membership_id: int, ip: str | None = None) -> 
     if member is None:
         raise Refused(404, f"no membership {membership_id}")
     list(statuses.locked([member.election_id]).values_list("pk"))  # ingest's lock order
-    now = timezone.now()
-    zombie = Membership.objects.filter(zombie_q(now), pk=member.pk).exists()
+    zombie = is_zombie(member.pk, timezone.now())
     if member.agent.connected and not zombie:
         raise Refused(
             409,
