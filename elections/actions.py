@@ -140,6 +140,7 @@ def register_agent(hello: protocol.Hello, session: str = "") -> Session:
         )
     agent.hostname, agent.version, agent.session = hello.hostname, hello.version, session
     agent.connected, agent.connected_at, agent.last_seen = True, now, now
+    agent.forgotten = None  # forgotten while away: its hello brings it back
     agent.save()
 
     wanted = {info.name: info for info in hello.elections}

@@ -15,10 +15,11 @@ from django.db import transaction
 from django.utils import timezone
 
 import protocol
-from elections import audit, delivery, layer
+from elections import audit, candidates, delivery, layer
 from elections.broadcast import elections_changed
+from elections.candidates import Candidate
 from elections.db import submit
-from elections.models import Command, Election, Membership
+from elections.models import Command, Election
 from elections.permissions import Refused, User, actor, require_operator
 from elections.serializers import command_detail
 
@@ -39,17 +40,56 @@ class Request:
     at: datetime | None = None  # a scheduled switchover
 
 
-def healthy_candidates(election: Election) -> list[Membership]:
-    """Members that could take over now: connected, campaigning or following, allowed to lead."""
-    return list(
-        election.memberships.select_related("agent")
-        .filter(
-            agent__connected=True,
-            state__in=(Membership.State.FOLLOWER, Membership.State.CANDIDATE),
-            no_failover=False,
+def healthy_candidates(election: Election) -> list[Candidate]:
+    """Members that could take over now (``elections.candidates``: the dry run's judgement)."""
+    return candidates.eligible(candidates.assess(election))
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a step-down or switchover would do now: every member judged, and the refusal the
+    real request would meet (None: it would be sent)."""
+
+    election: str
+    kind: str
+    candidates: list[Candidate]
+    refused: Refused | None
+
+
+def dry_run(user: User, request: Request) -> DryRun:
+    """Judge ``request`` exactly as ``request_stepdown`` would, writing and sending nothing
+    (not audited: nothing changes)."""
+    require_operator(user)
+    election = Election.objects.select_related("leader").filter(name=request.election).first()
+    if election is None:
+        raise Refused(404, f"unknown election {request.election!r}")
+    judged = candidates.assess(election, request.successor)
+    try:
+        _check(election, request, judged)
+        refused = None
+    except Refused as exc:
+        refused = exc
+    kind = Command.Kind.SWITCHOVER if request.successor else Command.Kind.STEP_DOWN
+    return DryRun(election.name, kind, judged, refused)
+
+
+def _check(election: Election, request: Request, judged: list[Candidate]) -> None:
+    """Every refusal a request can meet once its election is known (raises Refused)."""
+    if election.paused:
+        raise Refused(409, f"{election.name} is paused for maintenance: {election.paused_reason}")
+    if election.commands.filter(status__in=Command.IN_FLIGHT).exists():
+        raise Refused(409, f"a command for {election.name} is already in progress")
+    able = candidates.eligible(judged)
+    if request.successor and request.force:
+        return
+    if request.successor and request.successor not in {c.agent for c in able}:
+        why = next((c.reasons for c in judged if c.agent == request.successor), ())
+        raise Refused(
+            412,
+            f"{request.successor} is not a healthy candidate in {election.name}: " + "; ".join(why),
         )
-        .exclude(agent_id=election.leader_id)
-    )
+    if not able and not request.force:
+        raise Refused(412, f"no healthy candidate could take over {election.name}; tick force")
 
 
 def request_stepdown(user: User, request: Request, *, ip: str | None = None) -> Command:
@@ -83,16 +123,7 @@ def _request(user: User, request: Request, who: str, ip: str | None) -> Command:
         raise Refused(404, f"unknown election {request.election!r}")
     if not request.reason.strip():
         raise Refused(400, "a reason is required")
-    if election.paused:
-        raise Refused(409, f"{election.name} is paused for maintenance: {election.paused_reason}")
-    if election.commands.filter(status__in=Command.IN_FLIGHT).exists():
-        raise Refused(409, f"a command for {election.name} is already in progress")
-    candidates = healthy_candidates(election)
-    names = {m.agent_id for m in candidates}
-    if request.successor and request.successor not in names and not request.force:
-        raise Refused(412, f"{request.successor} is not a healthy candidate in {election.name}")
-    if not candidates and not request.force:
-        raise Refused(412, f"no healthy candidate could take over {election.name}; tick force")
+    _check(election, request, candidates.assess(election, request.successor))
     kind = Command.Kind.SWITCHOVER if request.successor else Command.Kind.STEP_DOWN
 
     command = Command.objects.create(
@@ -281,20 +312,61 @@ def set_paused(
     paused: bool,
     reason: str = "",
     ip: str | None = None,
+    until: datetime | None = None,
 ) -> Election:
+    """Pause (optionally until ``until``: a maintenance window that ends by itself) or resume."""
     require_operator(user)
     election = Election.objects.select_for_update().filter(name=name).first()
     if election is None:
         raise Refused(404, f"unknown election {name!r}")
     if paused and not reason.strip():
         raise Refused(400, "say why the election is paused")
+    if paused and until is not None and until <= timezone.now():
+        raise Refused(400, "the end of the maintenance window must be in the future")
     election.paused = paused
     election.paused_reason = reason.strip()[:500] if paused else ""
-    election.save(update_fields=["paused", "paused_reason", "updated"])
+    election.paused_until = until if paused else None
+    election.save(update_fields=["paused", "paused_reason", "paused_until", "updated"])
     action = audit.Action.PAUSED if paused else audit.Action.RESUMED
-    audit.record(audit.Actor.USER, actor(user), action, name, {"reason": reason}, ip)
+    detail: dict[str, object] = {"reason": reason}
+    if paused and until is not None:
+        detail["until"] = until.isoformat()
+    audit.record(audit.Actor.USER, actor(user), action, name, detail, ip)
     elections_changed([election.pk])
     return election
+
+
+def end_windows(now: datetime | None = None) -> list[str]:
+    """Resume the elections whose maintenance window has ended (audited as the system)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        # skip_locked: an operator resuming one by hand right now keeps it; the next run sees it.
+        ended = list(
+            Election.objects.select_for_update(skip_locked=True)
+            .filter(paused=True, paused_until__lte=now)
+            .order_by("pk")
+        )
+        if not ended:
+            return []
+        Election.objects.filter(pk__in=[e.pk for e in ended]).update(
+            paused=False, paused_reason="", paused_until=None, updated=now
+        )
+        audit.record_many(
+            audit.Pending(
+                audit.Actor.SYSTEM,
+                "system",
+                audit.Action.RESUMED,
+                e.name,
+                {
+                    "reason": "window ended",
+                    "paused_for": e.paused_reason,
+                    "until": e.paused_until.isoformat() if e.paused_until else None,
+                },
+            )
+            for e in ended
+        )
+        elections_changed(e.pk for e in ended)
+    return [e.name for e in ended]
 
 
 # -- periodic ---------------------------------------------------------------------------

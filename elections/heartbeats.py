@@ -90,21 +90,25 @@ def write_views(agent_id: str, changed: list[Row], renewed: list[Row] = ()) -> l
 
     A renewed leader lease can reveal a split brain too, so claims count as touches.
     """
+    now = timezone.now()
     update_from_values(
         Membership,
         ["id"],
-        ["state", "sees_leader", "sees_token", "lease_expires"],
+        ["state", "sees_leader", "sees_token", "lease_expires", "reported"],
         [
-            (r.member_id, r.view.state, r.view.leader, r.view.token, r.lease_expires)
+            (r.member_id, r.view.state, r.view.leader, r.view.token, r.lease_expires, now)
             for r in changed
         ],
     )
     update_from_values(
-        Membership, ["id"], ["lease_expires"], [(r.member_id, r.lease_expires) for r in renewed]
+        Membership,
+        ["id"],
+        ["lease_expires", "reported"],
+        [(r.member_id, r.lease_expires, now) for r in renewed],
     )
     # A member that now sees a held claim's leader and token confirms it.
     views = {r.election_id for r in changed}
-    confirmed = terms.confirm(views, timezone.now()) if views else []
+    confirmed = terms.confirm(views, now) if views else []
     touched = views | {r.election_id for r in renewed if r.claims}
     flipped = statuses.refresh(touched) if touched else []
     elections_changed(views | set(flipped) | set(confirmed))

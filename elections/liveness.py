@@ -94,11 +94,16 @@ def _flush(pending: Pending) -> list[int]:
         ["last_seen", "connected"],
         [(a, pending.seen[a][0], pending.seen[a][1], True) for a in ids],
     )
+    # The same statement notes that each agent still reports these elections (zombies).
+    now = timezone.now()
     update_from_values(
         Membership,
         ["id"],
-        ["lease_expires"],
-        [(member_id, expires) for member_id, (_, expires, _) in sorted(pending.leases.items())],
+        ["lease_expires", "reported"],
+        [
+            (member_id, expires, now)
+            for member_id, (_, expires, _) in sorted(pending.leases.items())
+        ],
     )
     claims = {election_id for election_id, _, claims in pending.leases.values() if claims}
     suspects = _disagreeing(claims) if claims else set()

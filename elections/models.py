@@ -38,6 +38,9 @@ class Agent(models.Model):
     #: an older session (a socket closing on one server while the agent already reconnected
     #: to another) must not mark the agent offline or online.
     session = models.CharField(max_length=32, blank=True)
+    #: When an operator forgot this offline agent (hidden from the agents page; its next
+    #: hello brings it back). The row stays: terms name their leaders.
+    forgotten = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -90,6 +93,8 @@ class Election(models.Model):
     #: Maintenance: a paused election refuses commands; its agents keep electing normally.
     paused = models.BooleanField(default=False)
     paused_reason = models.CharField(max_length=500, blank=True)
+    #: The end of a maintenance window: the periodic sweep resumes the election then.
+    paused_until = models.DateTimeField(null=True, blank=True)
     updated = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -118,6 +123,9 @@ class Membership(models.Model):
     sees_leader = models.CharField(max_length=100, blank=True)
     sees_token = models.BigIntegerField(null=True, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True)
+    #: When the agent last listed this election in a heartbeat (written with the lease, in
+    #: the same statement): a connected agent that stops listing it leaves a zombie.
+    reported = models.DateTimeField(null=True, blank=True)
     #: Agent time of the last transition applied (None: none yet).
     changed = models.DateTimeField(null=True, blank=True)
     priority = models.IntegerField(default=0)
@@ -265,6 +273,9 @@ class AuditEntry(models.Model):
         COMMAND_CANCELLED = "command-cancelled"
         PAUSED = "paused"
         RESUMED = "resumed"
+        MEMBERSHIP_FORGOTTEN = "membership-forgotten"
+        ELECTION_FORGOTTEN = "election-forgotten"
+        AGENT_FORGOTTEN = "agent-forgotten"
         AGENT_TOKEN_ISSUED = "agent-token-issued"
         AGENT_TOKEN_REVOKED = "agent-token-revoked"
         API_TOKEN_ISSUED = "api-token-issued"

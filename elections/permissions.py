@@ -1,6 +1,6 @@
 """Who may steer elections, and the refusal every steering action raises.
 
-Step-down, switchover, pause and cancel need one permission, ``force_stepdown`` on
+Step-down, switchover, pause, cancel and forget need one permission, ``force_stepdown`` on
 elections (granted through the ``operators`` group); reading needs only a login.
 """
 

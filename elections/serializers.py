@@ -8,9 +8,12 @@ value stored, so no format here may round them.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elections.models import Agent, AuditEntry, Command, Election, Term
+
+if TYPE_CHECKING:
+    from elections.commands import DryRun
 
 
 def iso(value: datetime | None) -> str | None:
@@ -36,6 +39,8 @@ def election_json(e: Election) -> dict[str, Any]:
         }
         if e.suspect_token is not None
         else None,
+        "paused": e.paused,
+        "paused_until": iso(e.paused_until),
         "members": [
             {"agent": m.agent_id, "state": m.state, "connected": m.agent.connected}
             for m in e.memberships.all()
@@ -93,6 +98,27 @@ def command_json(command: Command) -> dict[str, Any]:
         "sent_at": iso(command.sent_at),
         "finished_at": iso(command.finished_at),
         **command_detail(command),
+    }
+
+
+def dry_run_json(run: DryRun) -> dict[str, Any]:
+    """A step-down judged without being made: would it be sent, and who could take over."""
+    return {
+        "dry_run": True,
+        "election": run.election,
+        "kind": run.kind,
+        "would": "refuse" if run.refused else "send",
+        "refusal": run.refused.message if run.refused else None,
+        "candidates": [
+            {
+                "agent": c.agent,
+                "state": c.state or None,
+                "connected": c.connected,
+                "could_take_over": c.eligible,
+                "why_not": list(c.reasons),
+            }
+            for c in run.candidates
+        ],
     }
 
 

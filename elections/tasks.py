@@ -29,6 +29,11 @@ def run_scheduled_commands() -> list[int]:
 
 
 @shared_task
+def end_maintenance_windows() -> list[str]:
+    return commands.end_windows()
+
+
+@shared_task
 def expire_commands() -> list[int]:
     return commands.expire()
 
@@ -59,6 +64,7 @@ PERIODIC = [
     (refresh_statuses, 30.0),
     (run_scheduled_commands, 1.0),
     (expire_commands, 2.0),
+    (end_maintenance_windows, 5.0),
     (prune_history, 3600.0),
     (publish_audit_head, 60.0),
 ]

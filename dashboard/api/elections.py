@@ -77,7 +77,8 @@ def terms(request: HttpRequest, name: str) -> JsonResponse:
 
 @api_auth
 def agents(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"agents": [serializers.agent_json(a) for a in Agent.objects.all()]})
+    agents = Agent.objects.filter(forgotten__isnull=True)  # forgotten: gone until a hello
+    return JsonResponse({"agents": [serializers.agent_json(a) for a in agents]})
 
 
 @api_auth

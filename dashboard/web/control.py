@@ -1,5 +1,6 @@
 """Step-down, switchover, pause and cancel from the UI: parse the form, call the command
-service, render the result. Refusals are shown in the dialog, with their reason."""
+service, render the result. Refusals are shown in the dialog, with their reason; a dry run
+shows, in the dialog, who could take over and why the others could not."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from django.views.decorators.http import require_POST
 from dashboard.auth import client_ip
 from elections import commands
 from elections.models import Command, Election
-from elections.times import parse_when
+from elections.times import parse_until, parse_when
 
 
 def _form_context(election: Election, **extra: object) -> dict[str, object]:
@@ -32,19 +33,23 @@ def stepdown(request: HttpRequest, name: str) -> HttpResponse:
         at = parse_when(request.POST.get("at", ""))
     except ValueError:
         return _refused(request, election, 400, "the scheduled time is not a date and time")
+    wanted = commands.Request(
+        election=name,
+        reason=request.POST.get("reason", ""),
+        successor=request.POST.get("successor", ""),
+        force=request.POST.get("force") == "on",
+        drill=request.POST.get("drill") == "on",
+        at=at,
+    )
     try:
-        command = commands.request_stepdown(
-            request.user,
-            commands.Request(
-                election=name,
-                reason=request.POST.get("reason", ""),
-                successor=request.POST.get("successor", ""),
-                force=request.POST.get("force") == "on",
-                drill=request.POST.get("drill") == "on",
-                at=at,
-            ),
-            ip=client_ip(request),
-        )
+        if request.POST.get("dry_run") == "1":
+            run = commands.dry_run(request.user, wanted)
+            return render(
+                request,
+                "elections/_stepdown_form.html",
+                _form_context(election, dry_run=run, values=request.POST),
+            )
+        command = commands.request_stepdown(request.user, wanted, ip=client_ip(request))
     except commands.Refused as refused:
         return _refused(request, election, refused.status, refused.message)
     return render(request, "elections/_command.html", {"c": command, "fresh": True})
@@ -75,8 +80,17 @@ def cancel(request: HttpRequest, pk: int) -> HttpResponse:
 def pause(request: HttpRequest, name: str) -> HttpResponse:
     paused = request.POST.get("paused") == "1"
     try:
+        until = parse_until(request.POST.get("until", ""))
+    except ValueError as exc:
+        return HttpResponse(str(exc), status=400)
+    try:
         commands.set_paused(
-            request.user, name, paused, request.POST.get("reason", ""), ip=client_ip(request)
+            request.user,
+            name,
+            paused,
+            request.POST.get("reason", ""),
+            ip=client_ip(request),
+            until=until,
         )
     except commands.Refused as refused:
         return HttpResponse(refused.message, status=refused.status)

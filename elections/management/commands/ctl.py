@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from elections import commands, delivery
 from elections.models import Command as ElectionCommand
 from elections.models import Election
-from elections.times import parse_when
+from elections.times import parse_until, parse_when
 
 
 class Command(BaseCommand):
@@ -25,7 +25,12 @@ class Command(BaseCommand):
         for verb in ElectionCommand.Kind.values:
             p = sub.add_parser(verb, help=f"{verb} the leader of an election")
             p.add_argument("election")
-            p.add_argument("--reason", required=True)
+            p.add_argument("--reason", default="")
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="say whether it would be sent and who could take over; send nothing",
+            )
             p.add_argument(
                 "--user", required=True, help="the operator acting (for permissions and audit)"
             )
@@ -40,6 +45,8 @@ class Command(BaseCommand):
             p.add_argument("election")
             p.add_argument("--user", required=True)
             p.add_argument("--reason", default="")
+            if verb == "pause":
+                p.add_argument("--until", help="end of the window: a UTC time, or 90m, 2h, 1d")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         if action == "list":
@@ -78,20 +85,29 @@ class Command(BaseCommand):
             raise CommandError(f"no user {options['user']!r}")
         try:
             if action in ("pause", "resume"):
-                commands.set_paused(user, options["election"], action == "pause", options["reason"])
-                self.stdout.write(f"{options['election']}: {action}d")
+                until = parse_until(options.get("until") or "")
+                commands.set_paused(
+                    user, options["election"], action == "pause", options["reason"], until=until
+                )
+                line = f"{options['election']}: {action}d"
+                self.stdout.write(line + (f" until {until.isoformat()}" if until else ""))
                 return
-            command = commands.request_stepdown(
-                user,
-                commands.Request(
-                    election=options["election"],
-                    reason=options["reason"],
-                    successor=options.get("successor") or "",
-                    force=options["force"],
-                    drill=options["drill"],
-                    at=parse_when(options.get("at") or ""),
-                ),
+            wanted = commands.Request(
+                election=options["election"],
+                reason=options["reason"],
+                successor=options.get("successor") or "",
+                force=options["force"],
+                drill=options["drill"],
+                at=parse_when(options.get("at") or ""),
             )
+            if options["dry_run"]:
+                self._dry_run(commands.dry_run(user, wanted))
+                return
+            if not wanted.reason.strip():
+                raise CommandError("--reason is required (it goes to the audit log)")
+            command = commands.request_stepdown(user, wanted)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         except commands.Refused as refused:
             raise CommandError(f"refused: {refused.message}") from None
         command = async_to_sync(delivery.wait_final)(command.pk, options["wait"])
@@ -103,3 +119,12 @@ class Command(BaseCommand):
         self.stdout.write(line)
         if command.status in (ElectionCommand.Status.FAILED, ElectionCommand.Status.EXPIRED):
             raise CommandError(line)
+
+    def _dry_run(self, run: commands.DryRun) -> None:
+        """Every member and why it could not take over; exit 1 when it would be refused."""
+        for c in run.candidates:
+            verdict = "could take over" if c.eligible else "no: " + "; ".join(c.reasons)
+            self.stdout.write(f"{c.agent:<20} {c.state or '-':<10} {verdict}")
+        if run.refused:
+            raise CommandError(f"dry run: {run.kind} would be refused: {run.refused.message}")
+        self.stdout.write(f"dry run: {run.kind} would be sent (nothing was sent)")
