@@ -4,6 +4,7 @@ go through a real Celery worker on Redis to a real HTTP receiver."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -36,7 +37,8 @@ import protocol
 from elections import actions, commands, webhook_delivery, webhooks
 from elections.models import Election, Webhook, WebhookDelivery, WebhookEvent
 from elections.tasks import alert_leaderless, deliver_webhooks
-from tests.helpers import free_port, hello, parsed_event
+from tests.helpers import event, free_port, hello, parsed_event
+from tests.live import LiveDashboard, frame, open_agent
 from tests.servers import REDIS_URL
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -491,3 +493,41 @@ def test_a_burst_of_1000_leader_changes_is_coalesced_into_a_few_requests(
     assert WebhookDelivery.objects.filter(ok=True).count() == posts
     assert WebhookDelivery.objects.aggregate(n=Sum("events"))["n"] == 1000
     print(f"1,000 changes in 250 commits over {burst:.1f} s: {posts} requests, {tasks} tasks")
+
+
+@pytest.mark.live
+async def test_without_a_broker_the_ticker_delivers(
+    embedded_dashboard: LiveDashboard, receiver: Receiver
+) -> None:
+    """Embedded mode (the demo): no Celery worker, the server's ticker drains the outbox."""
+    dashboard = embedded_dashboard
+    name = f"ticker-{secrets.token_hex(3)}"
+    secret = dashboard.manage(
+        "shell",
+        "-c",
+        "from elections.models import Webhook; "
+        f"print(Webhook.objects.create(name={name!r}, url={receiver.url + '/' + name!r}, "
+        "events=['leader-change']).secret)",
+    ).split()[-1]
+    try:
+        ws = await open_agent(dashboard, name, [f"{name}/db"])
+        assert (await frame(ws))["type"] == "ack"
+        await ws.send(json.dumps({"type": "events", "items": [event(1, f"{name}/db", token=3)]}))
+        assert (await frame(ws))["type"] == "ack"
+        deadline = time.monotonic() + 15
+        while not receiver.on("/" + name):
+            assert time.monotonic() < deadline, dashboard.log()
+            await asyncio.sleep(0.1)
+        [request] = receiver.on("/" + name)
+        assert signed_by(secret, request)
+        assert [(e["election"], e["detail"]["leader"]) for e in request.json()["events"]] == [
+            (f"{name}/db", name)
+        ]
+        await ws.close()
+    finally:
+        dashboard.manage(
+            "shell",
+            "-c",
+            "from elections.models import Webhook; "
+            f"Webhook.objects.filter(name={name!r}).update(enabled=False)",
+        )
