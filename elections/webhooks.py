@@ -139,9 +139,12 @@ def kick(webhook_ids: Sequence[int]) -> list[int]:
 
     for pk in claimed:
         try:
-            deliver_webhook.apply_async((pk,), countdown=settings.ELECTORATE_WEBHOOK_COALESCE)
+            # retry=False: fail at once rather than hold the committing thread; the sweep
+            # (deliver_webhooks) queues it again once the broker answers.
+            deliver_webhook.apply_async(
+                (pk,), countdown=settings.ELECTORATE_WEBHOOK_COALESCE, retry=False
+            )
         except Exception:
-            # The broker is away: the periodic sweep queues it once it is back.
             Webhook.objects.filter(pk=pk, kicked_at=now).update(kicked_at=None)
             log.warning("could not queue the delivery of webhook %s", pk, exc_info=True)
     return claimed

@@ -38,11 +38,10 @@ from elections import actions, commands, webhook_delivery, webhooks
 from elections.models import Election, Webhook, WebhookDelivery, WebhookEvent
 from elections.tasks import alert_leaderless, deliver_webhooks
 from tests.helpers import event, free_port, hello, parsed_event
-from tests.live import LiveDashboard, frame, open_agent
+from tests.live import ROOT, LiveDashboard, frame, open_agent
 from tests.servers import REDIS_URL
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- a real HTTP receiver -------------------------------------------------------------------
@@ -373,7 +372,8 @@ def fresh_connections(app: Celery) -> None:
 @pytest.fixture
 def celery_worker(django_db_setup: None, tmp_path: Path) -> Iterator[Path]:
     """A real ``celery -A dashboard worker`` on Redis db 13 and a queue of its own, using the
-    test database; this process sends to it instead of running tasks in-process."""
+    test database; this process sends to it instead of running tasks in-process. No beat
+    (unlike ``tests.live.start_celery``): its sweep would hide a kick that never came."""
     from dashboard.celery import app
 
     broker = REDIS_URL.rsplit("/", 1)[0] + "/13"
