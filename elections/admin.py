@@ -10,6 +10,7 @@ from django.contrib import admin
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest
 
+from elections import webhooks
 from elections.models import AuditEntry, Webhook, WebhookDelivery
 
 
@@ -35,7 +36,7 @@ class WebhookForm(forms.ModelForm):
         assume_scheme="https", max_length=500, help_text=Webhook._meta.get_field("url").help_text
     )
     events = forms.MultipleChoiceField(
-        choices=Webhook.Kind.choices,
+        choices=[c for c in Webhook.Kind.choices if c[0] != Webhook.Kind.TEST],
         widget=forms.CheckboxSelectMultiple,
         required=False,
         help_text="None ticked: this webhook receives nothing.",
@@ -53,6 +54,15 @@ class WebhookAdmin(admin.ModelAdmin):
     list_filter = ("enabled",)
     search_fields = ("name", "url")
     readonly_fields = ("failures", "busy_until", "created")
+    actions = ("send_test",)
+
+    @admin.action(description="Send a test event")
+    def send_test(self, request: HttpRequest, queryset: QuerySet[Webhook]) -> None:
+        user = request.user.get_username()
+        sent = webhooks.send_test(queryset.values_list("pk", flat=True), user)
+        self.message_user(
+            request, f"A test event is on its way to {sent} webhook(s): see Webhook deliveries."
+        )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Webhook]:
         last = WebhookDelivery.objects.filter(webhook=OuterRef("pk")).order_by("-at", "-id")

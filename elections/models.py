@@ -306,6 +306,8 @@ class Webhook(models.Model):
         SPLIT_BRAIN = "split-brain", "split-brain"
         FLAPPING = "flapping", "flapping"
         COMMAND = "command", "command outcome"
+        #: Sent only by the admin's "Send a test event", whatever the webhook asked for.
+        TEST = "test", "test"
 
     name = models.CharField(max_length=100, unique=True)
     url = models.URLField(

@@ -357,6 +357,17 @@ def test_the_admin_configures_webhooks_and_shows_each_delivery(receiver: Receive
     assert "HTTP 500" in listing and "leader-change, split-brain" in listing
     deliveries = client.get("/admin/elections/webhookdelivery/").content.decode()
     assert "pager" in deliveries and "500" in deliveries
+    # An operator checks the receiver: a test event, whatever the webhook asked for.
+    Webhook.objects.update(busy_until=None)  # skip the backoff of the failure above
+    client.post(
+        "/admin/elections/webhook/",
+        {"action": "send_test", "_selected_action": [Webhook.objects.get().pk]},
+    )
+    deliver_webhooks()
+    assert [e["kind"] for e in receiver.requests[-1].json()["events"]] == [
+        "leader-change",
+        "test",
+    ]
 
 
 # -- through a real Celery worker on Redis ---------------------------------------------------
