@@ -56,6 +56,11 @@ class WebhookAdmin(admin.ModelAdmin):
     readonly_fields = ("failures", "busy_until", "created")
     actions = ("send_test",)
 
+    def save_model(self, request: HttpRequest, obj: Webhook, form: Any, change: bool) -> None:
+        # An operator who fixed the URL wants the pending events now, not after the backoff.
+        obj.failures, obj.busy_until, obj.lease_owner = 0, None, ""
+        super().save_model(request, obj, form, change)
+
     @admin.action(description="Send a test event")
     def send_test(self, request: HttpRequest, queryset: QuerySet[Webhook]) -> None:
         user = request.user.get_username()

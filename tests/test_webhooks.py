@@ -358,12 +358,27 @@ def test_the_admin_configures_webhooks_and_shows_each_delivery(receiver: Receive
     deliveries = client.get("/admin/elections/webhookdelivery/").content.decode()
     assert "pager" in deliveries and "500" in deliveries
     # An operator checks the receiver: a test event, whatever the webhook asked for.
-    Webhook.objects.update(busy_until=None)  # skip the backoff of the failure above
+    # Saving the webhook (its URL fixed, say) ends the backoff of the failure above.
+    assert webhooks.due() == []
+    saved = client.post(
+        f"/admin/elections/webhook/{Webhook.objects.get().pk}/change/",
+        {
+            "name": "pager",
+            "url": receiver.url + "/fixed",
+            "secret": "s" * 20,
+            "events": ["leader-change", "split-brain"],
+            "leaderless_after": 30,
+            "enabled": "on",
+        },
+    )
+    assert saved.status_code == 302
+    assert webhooks.due() == [Webhook.objects.get().pk]
     client.post(
         "/admin/elections/webhook/",
         {"action": "send_test", "_selected_action": [Webhook.objects.get().pk]},
     )
     deliver_webhooks()
+    assert receiver.requests[-1].path == "/fixed"
     assert [e["kind"] for e in receiver.requests[-1].json()["events"]] == [
         "leader-change",
         "test",
