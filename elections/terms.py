@@ -236,6 +236,7 @@ class Ledger:
                     "token": token,
                     "previous_leader": previous.leader_id if previous else None,
                     "previous_token": previous.token if previous else None,
+                    "previous_end_reason": (previous.end_reason or None) if previous else None,
                     "leaderless_since": iso(election.leaderless_since),
                 },
                 at=at,

@@ -481,7 +481,15 @@ def test_a_real_worker_delivers_signed_and_retries_with_backoff(
     # A later change goes out as it comes, with nothing sent twice.
     actions.ingest_events("b", [won(1, "e/1", 2, at=1)])
     wait_for(lambda: len(receiver.requests) == 4, 15, "the next change was not delivered")
-    assert [e["detail"]["leader"] for e in receiver.requests[3].json()["events"]] == ["b"]
+    [change] = receiver.requests[3].json()["events"]
+    assert change["detail"] | {"leaderless_since": None} == {
+        "leader": "b",
+        "token": 2,
+        "previous_leader": "a",
+        "previous_token": 1,
+        "previous_end_reason": "superseded",
+        "leaderless_since": None,
+    }
     assert "deliver_webhook" in celery_worker.read_text()
 
 
