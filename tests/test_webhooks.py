@@ -1,6 +1,7 @@
 """Alerts out: webhooks get the events they asked for, signed, batched, retried with backoff,
 and every delivery's outcome is kept. The first tests drain in this process; the last ones
-go through a real Celery worker on Redis to a real HTTP receiver."""
+deliver to a real HTTP receiver through a real Celery worker on Redis, and through the
+ticker of an embedded dashboard (no broker)."""
 
 from __future__ import annotations
 
@@ -396,7 +397,7 @@ def fresh_connections(app: Celery) -> None:
 
 
 @pytest.fixture
-def celery_worker(django_db_setup: None, tmp_path: Path) -> Iterator[Path]:
+def webhook_worker(django_db_setup: None, tmp_path: Path) -> Iterator[Path]:
     """A real ``celery -A dashboard worker`` on Redis db 13 and a queue of its own, using the
     test database; this process sends to it instead of running tasks in-process. No beat
     (unlike ``tests.live.start_celery``): its sweep would hide a kick that never came."""
@@ -456,7 +457,7 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
 @pytest.mark.live
 @pytest.mark.django_db(transaction=True)
 def test_a_real_worker_delivers_signed_and_retries_with_backoff(
-    celery_worker: Path, receiver: Receiver
+    webhook_worker: Path, receiver: Receiver
 ) -> None:
     receiver.answers = [500, 502]
     webhook = hook(receiver.url + "/pager", webhooks.LEADER_CHANGE)
@@ -490,13 +491,13 @@ def test_a_real_worker_delivers_signed_and_retries_with_backoff(
         "previous_end_reason": "superseded",
         "leaderless_since": None,
     }
-    assert "deliver_webhook" in celery_worker.read_text()
+    assert "deliver_webhook" in webhook_worker.read_text()
 
 
 @pytest.mark.live
 @pytest.mark.django_db(transaction=True)
 def test_a_burst_of_1000_leader_changes_is_coalesced_into_a_few_requests(
-    celery_worker: Path, receiver: Receiver
+    webhook_worker: Path, receiver: Receiver
 ) -> None:
     hook(receiver.url + "/pager", webhooks.LEADER_CHANGE)
     names = [f"burst/{i}" for i in range(1000)]
@@ -518,7 +519,7 @@ def test_a_burst_of_1000_leader_changes_is_coalesced_into_a_few_requests(
     ids = [i for r in receiver.requests for i in r.ids()]
     assert sorted(ids) == sorted(queued), "every event exactly once"
     posts = len(receiver.requests)
-    log = celery_worker.read_text()
+    log = webhook_worker.read_text()
     tasks = len(re.findall(r"Task elections\.tasks\.deliver_webhook\[\S+\] received", log))
     # One request (and one task) per coalescing window (1 s) of the burst at most: 250
     # commits kicked the worker, most of them finding a task already queued.
