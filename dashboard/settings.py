@@ -188,6 +188,17 @@ ELECTORATE_LIVE_FRAME_LIMIT = int(env("ELECTORATE_LIVE_FRAME_LIMIT", str(256 * 1
 #: Threads (each with its own database connection) for the websockets' database work.
 ELECTORATE_DB_THREADS = int(env("ELECTORATE_DB_THREADS", "8"))
 
+# Webhooks (configured in the admin; elections.webhooks): how long a request may take, how
+# long a burst is gathered before one request carries it, events per request, and the
+# backoff after a failure (doubling from BACKOFF up to BACKOFF_CAP seconds; a task retries
+# RETRIES times, then the periodic sweep starts over).
+ELECTORATE_WEBHOOK_TIMEOUT = float(env("ELECTORATE_WEBHOOK_TIMEOUT", "5"))
+ELECTORATE_WEBHOOK_COALESCE = float(env("ELECTORATE_WEBHOOK_COALESCE", "1"))
+ELECTORATE_WEBHOOK_BATCH = int(env("ELECTORATE_WEBHOOK_BATCH", "500"))
+ELECTORATE_WEBHOOK_BACKOFF = float(env("ELECTORATE_WEBHOOK_BACKOFF", "2"))
+ELECTORATE_WEBHOOK_BACKOFF_CAP = float(env("ELECTORATE_WEBHOOK_BACKOFF_CAP", "300"))
+ELECTORATE_WEBHOOK_RETRIES = int(env("ELECTORATE_WEBHOOK_RETRIES", "10"))
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]

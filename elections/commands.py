@@ -15,7 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 import protocol
-from elections import audit, candidates, delivery, layer
+from elections import audit, candidates, delivery, layer, webhooks
 from elections.broadcast import elections_changed
 from elections.candidates import Candidate
 from elections.db import submit
@@ -243,7 +243,13 @@ def _finish(
         command.election.name,
         command_detail(command),
     )
+    _ended(command)
+
+
+def _ended(command: Command) -> None:
+    """A command reached its final status: wake its waiters, tell the map and the webhooks."""
     delivery.announce_final(command)
+    webhooks.notify(webhooks.COMMAND, command.election.name, command_detail(command))
     elections_changed([command.election_id])
 
 
@@ -300,8 +306,7 @@ def cancel(user: User, command_id: int, ip: str | None = None) -> Command:
         command_detail(command),
         ip,
     )
-    delivery.announce_final(command)
-    elections_changed([command.election_id])
+    _ended(command)
     return command
 
 

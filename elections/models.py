@@ -5,9 +5,12 @@ State changes go through ``elections.actions``; nothing else writes these tables
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, URLValidator
 from django.db import models
 from django.utils import timezone
 
@@ -294,3 +297,115 @@ class AuditEntry(models.Model):
 
     class Meta:
         ordering = ["id"]
+
+
+# -- alerts out: webhooks ------------------------------------------------------------------
+
+
+def _webhook_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class Webhook(models.Model):
+    """An endpoint that is told about chosen events (``elections.webhooks``), configured in
+    the admin. ``kicked_at``, ``busy_until``, ``lease_owner`` and ``failures`` are the
+    delivery's own bookkeeping, not settings."""
+
+    class Kind(models.TextChoices):
+        LEADER_CHANGE = "leader-change", "leader change"
+        LEADERLESS = "leaderless", "leaderless longer than the threshold"
+        SPLIT_BRAIN = "split-brain", "split-brain"
+        FLAPPING = "flapping", "flapping"
+        COMMAND = "command", "command outcome"
+        #: Sent only by the admin's "Send a test event", whatever the webhook asked for.
+        TEST = "test", "test"
+
+    name = models.CharField(max_length=100, unique=True)
+    url = models.URLField(
+        max_length=500,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="http:// or https:// only; redirects are never followed.",
+    )
+    secret = models.CharField(
+        max_length=200,
+        default=_webhook_secret,
+        help_text="Signs every request (HMAC-SHA256); the receiver needs it too.",
+    )
+    #: The kinds (``Kind`` values) this endpoint wants; none: it receives nothing.
+    events = models.JSONField(default=list, blank=True)
+    leaderless_after = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(0.0)],
+        help_text="Seconds leaderless before a leaderless event (once per spell).",
+    )
+    enabled = models.BooleanField(default=True)
+    created = models.DateTimeField(default=timezone.now)
+    #: A delivery task is queued and has not started yet (the next event need not queue one).
+    kicked_at = models.DateTimeField(null=True, blank=True)
+    #: Whoever drains this webhook's outbox holds it until then (also the backoff's end).
+    busy_until = models.DateTimeField(null=True, blank=True)
+    lease_owner = models.CharField(max_length=64, blank=True)
+    #: Failed attempts in a row: the exponent of the backoff.
+    failures = models.IntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        kinds = set(self.Kind.values)
+        if not isinstance(self.events, list) or not set(self.events) <= kinds:
+            raise ValidationError({"events": f"a list of: {', '.join(sorted(kinds))}"})
+
+
+class WebhookDelivery(models.Model):
+    """One POST to a webhook and how it went."""
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    at = models.DateTimeField(default=timezone.now)
+    ok = models.BooleanField(default=False)
+    status_code = models.IntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    #: 1 for a first try, 2 for the first retry of the same pending events, and so on.
+    attempt = models.IntegerField(default=1)
+    events = models.IntegerField(default=0)
+    duration = models.FloatField(default=0.0)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["webhook", "-at"])]
+        verbose_name_plural = "webhook deliveries"
+
+
+class WebhookEvent(models.Model):
+    """The outbox: one event for one webhook, pending until a delivery carried it."""
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="outbox")
+    kind = models.CharField(max_length=20, choices=Webhook.Kind.choices)
+    election = models.CharField(max_length=200)
+    at = models.DateTimeField(default=timezone.now)
+    detail = models.JSONField(default=dict, blank=True)
+    #: Leaderless events: the spell (the election's ``leaderless_since``), sent once each.
+    spell = models.DateTimeField(null=True, blank=True)
+    delivery = models.ForeignKey(
+        WebhookDelivery, null=True, blank=True, on_delete=models.CASCADE, related_name="carried"
+    )
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(
+                fields=["webhook", "id"],
+                condition=models.Q(delivery__isnull=True),
+                name="webhook_event_pending",
+            )
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["webhook", "election", "spell"],
+                condition=models.Q(spell__isnull=False),
+                name="one_leaderless_event_per_spell",
+            )
+        ]

@@ -20,6 +20,7 @@ from datetime import datetime
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from elections import webhooks
 from elections.models import Election, Membership
 from elections.sql import update_from_values
 
@@ -59,18 +60,30 @@ def locked(election_ids: Iterable[int]) -> QuerySet[Election]:
 
 def derive(elections: Iterable[Election], now: datetime) -> list[Election]:
     """Set ``status`` (and start the leaderless clock) of locked ``elections`` from their
-    members, in memory; return those that changed. One query, whatever their number."""
+    members, in memory; return those that changed. One query, whatever their number, and
+    a webhook alert (``elections.webhooks``) for each split brain that begins."""
     items = list(elections)
     found = claimants((e.pk for e in items), now)
     changed = []
+    alerts: list[webhooks.Event] = []
     for election in items:
         status = status_of(election.leader_id, found.get(election.pk, ()))
         since = election.leaderless_since
         if status == LEADERLESS and since is None:
             since = now  # new elections start leaderless: the clock starts when first seen
+        if status == SPLIT_BRAIN and election.status != SPLIT_BRAIN:
+            alerts.append(
+                webhooks.Event(
+                    webhooks.SPLIT_BRAIN,
+                    election.name,
+                    {"claimants": sorted(found[election.pk]), "leader": election.leader_id},
+                    at=now,
+                )
+            )
         if (status, since) != (election.status, election.leaderless_since):
             election.status, election.leaderless_since = status, since
             changed.append(election)
+    webhooks.notify_many(alerts)  # no statement unless a split brain began
     return changed
 
 
@@ -88,4 +101,4 @@ def apply(elections: Iterable[Election], now: datetime | None = None) -> list[in
 
 def refresh(election_ids: Iterable[int]) -> list[int]:
     """Lock and re-derive the given elections; returns the ids whose status changed."""
-    return apply(locked(election_ids).only("pk", "leader_id", "status", "leaderless_since"))
+    return apply(locked(election_ids).only("pk", "name", "leader_id", "status", "leaderless_since"))

@@ -6,11 +6,11 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from elections import actions, audit, commands
+from elections import actions, audit, commands, webhook_delivery, webhooks
 
 
 @shared_task
@@ -55,7 +55,37 @@ def publish_audit_head() -> int | None:
 @shared_task
 def prune_history() -> int:
     keep = timedelta(days=settings.ELECTORATE_RETENTION_DAYS)
+    webhooks.prune(timezone.now() - keep)
     return actions.prune_history(timezone.now() - keep)
+
+
+@shared_task(bind=True, max_retries=None)
+def deliver_webhook(self: Task, webhook_id: int) -> int:
+    """Drain one webhook's outbox (queued by ``webhooks.kick``); on failure retry after the
+    backoff, holding the webhook's lease meanwhile so no other task jumps the queue."""
+    outcome = webhook_delivery.drain(webhook_id, owner=self.request.id or "direct")
+    retry = outcome.retry_in is not None and not self.request.is_eager
+    if retry and self.request.retries < settings.ELECTORATE_WEBHOOK_RETRIES:
+        raise self.retry(countdown=outcome.retry_in)
+    # Out of retries, the events stay pending: the lease runs out with the backoff, then
+    # deliver_webhooks starts over.
+    return outcome.delivered
+
+
+@shared_task
+def deliver_webhooks() -> list[int]:
+    """Webhooks with pending events and nobody on them: queued (with a broker) or drained
+    right here (embedded mode: the ticker's thread, never a request's)."""
+    if not webhooks.eager():
+        return webhooks.kick(webhooks.due())
+    for pk in webhooks.due():
+        webhook_delivery.drain(pk, owner="ticker")
+    return []
+
+
+@shared_task
+def alert_leaderless() -> int:
+    return webhooks.queue_leaderless()
 
 
 #: Every periodic task and its period in seconds: the one schedule beat and the ticker share.
@@ -67,6 +97,8 @@ PERIODIC = [
     (end_maintenance_windows, 5.0),
     (prune_history, 3600.0),
     (publish_audit_head, 60.0),
+    (alert_leaderless, 5.0),
+    (deliver_webhooks, 1.0),
 ]
 
 

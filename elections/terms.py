@@ -30,8 +30,9 @@ from django.db.models import BooleanField, Exists, F, OuterRef, Q
 from django.db.models.expressions import RawSQL
 
 import protocol
-from elections import audit, statuses
+from elections import audit, statuses, webhooks
 from elections.models import Election, Membership, Term
+from elections.serializers import iso
 from elections.sql import update_from_values
 from protocol import EndReason, State
 
@@ -102,6 +103,7 @@ class Ledger:
         self.dirty_memberships: dict[int, Membership] = {}
         self.dirty_elections: set[int] = set()
         self.audit: list[audit.Pending] = []
+        self.alerts: list[webhooks.Event] = []
 
     def _add(self, term: Term) -> None:
         self.terms[(term.election_id, term.token)] = term
@@ -225,6 +227,21 @@ class Ledger:
                 connected = self.connected.get(term.leader_id, False)
                 reason = EndReason.SUPERSEDED if connected else EndReason.AGENT_OFFLINE
                 self._end(term, max(at, term.started), reason)
+        self.alerts.append(
+            webhooks.Event(
+                webhooks.LEADER_CHANGE,
+                election.name,
+                {
+                    "leader": agent_id,
+                    "token": token,
+                    "previous_leader": previous.leader_id if previous else None,
+                    "previous_token": previous.token if previous else None,
+                    "previous_end_reason": (previous.end_reason or None) if previous else None,
+                    "leaderless_since": iso(election.leaderless_since),
+                },
+                at=at,
+            )
+        )
         election.token, election.leader_id = token, agent_id
         election.leader_since, election.leaderless_since = at, None
         if election.suspect_token is not None and election.suspect_token <= token:
@@ -321,6 +338,7 @@ class Ledger:
                 for e in (self.elections[pk] for pk in sorted(rows))
             ],
         )
+        webhooks.notify_many(self.alerts)  # an outbox row per webhook that wants them
         # The last write: the audit lock is then held only for the commit, never while this
         # transaction waits for row locks (which could deadlock with another agent's ingest).
         audit.record_many(self.audit)
