@@ -84,19 +84,8 @@ import aetcd
 from aetcd import exceptions as etcd_errors
 from pydantic import field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Revocation,
-    Seat,
-    Takeover,
-    Text,
-    Unavailable,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Revocation, Seat, Takeover, Text
+from agent.backends.errors import Lost, Misconfigured, Unavailable, unavailable
 
 log = logging.getLogger(__name__)
 

@@ -66,18 +66,8 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Revocation,
-    Seat,
-    Takeover,
-    Unavailable,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Revocation, Seat, Takeover
+from agent.backends.errors import Lost, Misconfigured, Unavailable, unavailable
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)

@@ -65,17 +65,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Seat,
-    Unavailable,
-    describe,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Seat
+from agent.backends.errors import Lost, Misconfigured, Unavailable, describe, unavailable
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)

@@ -72,7 +72,8 @@ from pydantic import (
     model_validator,
 )
 
-from agent.backends.base import Backend, BackendOptions, Lease, Lost, Misconfigured, Seat
+from agent.backends.base import Backend, BackendOptions, Lease, Seat
+from agent.backends.errors import Lost, Misconfigured
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)

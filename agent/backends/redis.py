@@ -54,18 +54,8 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from agent.backends.base import (
-    Backend,
-    BackendError,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Seat,
-    Text,
-    Unavailable,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Seat, Text
+from agent.backends.errors import BackendError, Lost, Misconfigured, Unavailable, unavailable
 
 log = logging.getLogger(__name__)
 

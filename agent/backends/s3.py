@@ -71,18 +71,8 @@ import urllib3.exceptions
 from botocore.config import Config
 from pydantic import field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Seat,
-    Takeover,
-    Text,
-    Unavailable,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Seat, Takeover, Text
+from agent.backends.errors import Lost, Misconfigured, Unavailable, unavailable
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)
