@@ -170,11 +170,7 @@ class PostgresOptions(BackendOptions):
         return value
 
 
-class PostgresBackend(Backend):
-    name = "postgres"
-    Options = PostgresOptions
-    notifies = True
-
+class PostgresBackend(Backend, name="postgres", options=PostgresOptions, notifies=True):
     @classmethod
     def check_options(cls, options: PostgresOptions, ttl: float) -> tuple[str, str] | None:
         if options.check_interval * 2 > ttl:

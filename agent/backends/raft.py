@@ -190,11 +190,7 @@ class RaftOptions(BackendOptions):
         return self._secret
 
 
-class RaftBackend(Backend):
-    name = "raft"
-    Options = RaftOptions
-    notifies = True
-
+class RaftBackend(Backend, name="raft", options=RaftOptions, notifies=True):
     @classmethod
     def check_options(cls, options: RaftOptions, ttl: float) -> tuple[str, str] | None:
         from agent.config import parse_host_port

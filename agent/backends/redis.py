@@ -117,11 +117,7 @@ class RedisOptions(BackendOptions):
         return value
 
 
-class RedisBackend(Backend):
-    name = "redis"
-    Options = RedisOptions
-    notifies = True
-
+class RedisBackend(Backend, name="redis", options=RedisOptions, notifies=True):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         opts: RedisOptions = self.options

@@ -45,6 +45,12 @@ def election_name(prefix: str = "svc") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def election() -> str:
+    """An election name of the test's own."""
+    return election_name()
+
+
 def make_runner(
     s3_url: str, bucket: str, election: str, agent_id: str, *, ttl: float = TTL, **kwargs: Any
 ) -> ElectionRunner:
@@ -80,9 +86,8 @@ Alone = tuple[ElectionRunner, Log, str]
 
 
 @pytest.fixture
-async def alone(s3_url: str, bucket: str) -> AsyncIterator[Alone]:
+async def alone(s3_url: str, bucket: str, election: str) -> AsyncIterator[Alone]:
     """Agent a, alone in an election of its own, leading; what it logged; the election."""
-    election = election_name()
     log = Log()
     runner = make_runner(s3_url, bucket, election, "a", **log.hooks("a"))
     await runner.start()
@@ -94,9 +99,8 @@ async def alone(s3_url: str, bucket: str) -> AsyncIterator[Alone]:
 
 
 async def test_one_leader_creates_the_bucket_and_writes_a_readable_seat(
-    s3_url: str, bucket: str, s3: Any
+    s3_url: str, bucket: str, election: str, s3: Any
 ) -> None:
-    election = election_name()
     runners = [make_runner(s3_url, bucket, election, f"agent-{i}") for i in range(3)]
     for r in runners:
         await r.start()
@@ -118,9 +122,8 @@ async def test_one_leader_creates_the_bucket_and_writes_a_readable_seat(
 
 
 async def test_cut_off_leader_demotes_before_leader_timeout_and_is_replaced_only_after(
-    s3_url: str, bucket: str
+    s3_url: str, bucket: str, election: str
 ) -> None:
-    election = election_name()
     log = Log()
     a = make_runner(s3_url, bucket, election, "a", **log.hooks("a"))
     b = make_runner(s3_url, bucket, election, "b", **log.hooks("b"))
@@ -187,9 +190,8 @@ async def test_a_deleted_seat_is_lost_and_the_term_still_grows(
 
 
 async def test_a_seat_deleted_under_its_leader_is_taken_only_after_that_leaders_lease(
-    s3_url: str, bucket: str, s3: Any
+    s3_url: str, bucket: str, election: str, s3: Any
 ) -> None:
-    election = election_name()
     options = S3Options(endpoint=s3_url, bucket=bucket)
     a, b = (S3Backend(election=election, agent_id=n, ttl=TTL, options=options) for n in "ab")
     async with opened(a, b):
@@ -209,12 +211,11 @@ async def test_a_seat_deleted_under_its_leader_is_taken_only_after_that_leaders_
 
 @pytest.mark.parametrize("writer_clock", ["expired long ago", "valid for an hour"])
 async def test_restarted_agent_takes_its_old_seat_only_with_a_fresh_write(
-    s3_url: str, bucket: str, s3: Any, writer_clock: str
+    s3_url: str, bucket: str, election: str, s3: Any, writer_clock: str
 ) -> None:
     """s3lect skipped OnAcquire when it found its own id in the object after a restart. Ours
     treats that seat as anyone's: stale only after leader_timeout on the reader's own clock
     (whatever the writer's clock wrote), then taken in a new term with a conditional write."""
-    election = election_name()
     s3.create_bucket(Bucket=bucket)
     delta = timedelta(hours=-1 if writer_clock == "expired long ago" else 1)
     old = {
@@ -245,9 +246,8 @@ async def test_restarted_agent_takes_its_old_seat_only_with_a_fresh_write(
 
 
 async def test_resign_vacates_the_seat_and_keeps_the_term(
-    s3_url: str, bucket: str, s3: Any
+    s3_url: str, bucket: str, election: str, s3: Any
 ) -> None:
-    election = election_name()
     runners = [make_runner(s3_url, bucket, election, name) for name in ("a", "b")]
     try:
         terms = await successive_terms(runners, 3, hold_off=2.0)
@@ -285,8 +285,9 @@ async def test_cluster_and_shard_elections_side_by_side_in_one_bucket(
         await stop_all(*(r for g in runners.values() for r in g))
 
 
-async def test_retry_interval_follows_what_was_last_seen(s3_url: str, bucket: str, s3: Any) -> None:
-    election = election_name()
+async def test_retry_interval_follows_what_was_last_seen(
+    s3_url: str, bucket: str, election: str, s3: Any
+) -> None:
     options = S3Options(endpoint=s3_url, bucket=bucket, leader_timeout=1.0)
     backend = S3Backend(election=election, agent_id="me", ttl=3.0, options=options)
     frequent, infrequent = backend.timing.frequent, backend.timing.infrequent
