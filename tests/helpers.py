@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
@@ -19,6 +20,15 @@ from agent.backends.base import Backend, Lease
 from agent.config import ConfigError, build_config
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_python() -> str:
+    """The checkout's own virtualenv Python when it has one (agents and servers run as they
+    are deployed), else the one running the tests."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def free_port() -> int:

@@ -16,11 +16,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Self
@@ -29,15 +28,9 @@ from agent.backends.base import Backend
 from agent.backends.registry import BACKENDS, backend_class
 from agent.config import ElectionConfig, build_config
 from agent.runner import ElectionRunner, Transition
-from tests.helpers import free_port
+from tests.helpers import REPO, free_port, repo_python
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES: list[str] = list(BACKENDS)
-
-
-def agent_python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
 
 
 # -- targets: one backend, its setup module and its server ------------------------------------
@@ -391,6 +384,7 @@ async def http_get(
             writer.close()
 
 
+@dataclass(eq=False)
 class AgentProcess:
     """One ``python -m agent run --config FILE`` process with a health endpoint.
 
@@ -399,29 +393,23 @@ class AgentProcess:
     where its health endpoint is reached on ``host``.
     """
 
-    def __init__(
-        self,
-        agent: str,
-        election: str,
-        config: Path,
-        health_port: int,
-        *,
-        host: str = "127.0.0.1",
-        prefix: list[str] | None = None,
-    ) -> None:
-        self.id = agent
-        self.election = election
-        self.config = config
-        self.health_port = health_port
-        self.host = host
-        self.prefix = prefix or []
-        self.log = config.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
+    id: str
+    election: str
+    config: Path
+    health_port: int
+    _: KW_ONLY
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def log(self) -> Path:
+        return self.config.with_suffix(".log")
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, agent_python(), "-m", "agent", "run", "--config", str(self.config)],
+                [*self.prefix, repo_python(), "-m", "agent", "run", "--config", str(self.config)],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -519,7 +507,7 @@ class Cluster:
                 configure(i, raw)
             path = workdir / f"{self.election.replace('/', '_')}-{name}.toml"
             path.write_text(toml_dumps(raw))
-            prefix = prefixes[i] if prefixes else None
+            prefix = prefixes[i] if prefixes else []
             self.agents.append(
                 AgentProcess(name, self.election, path, port, host=host, prefix=prefix)
             )

@@ -41,7 +41,6 @@ from tests.backends.conformance import (
     HealthSampler,
     Sampler,
     Target,
-    agent_python,
     describe,
     leaders,
     load_setup,
@@ -51,6 +50,7 @@ from tests.backends.conformance import (
     toml_dumps,
     wait_until,
 )
+from tests.helpers import repo_python
 
 #: Margin on top of the TTL for a killed leader to be replaced: its seat frees when the TTL runs
 #: out, and a follower still needs a watch event or a poll, and a claim, to take it. A resign
@@ -337,7 +337,7 @@ def test_unknown_option_fails_at_start_naming_it(backend: Target, tmp_path: Path
     path = tmp_path / "agent.toml"
     path.write_text(toml_dumps(raw))
     proc = subprocess.run(
-        [agent_python(), "-m", "agent", "run", "--config", str(path)],
+        [repo_python(), "-m", "agent", "run", "--config", str(path)],
         cwd=REPO,
         capture_output=True,
         text=True,
