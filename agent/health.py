@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -25,22 +26,15 @@ _REASONS = {
 }
 
 
+@dataclass(eq=False)
 class HealthServer:
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        status: Callable[[], dict[str, Any]],
-        is_leader: Callable[[str], bool | None],
-        metrics: Callable[[], bytes],
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.status = status
-        self.is_leader = is_leader
-        self.metrics = metrics
-        self._server: asyncio.Server | None = None
+    host: str
+    port: int
+    _: KW_ONLY
+    status: Callable[[], dict[str, Any]]
+    is_leader: Callable[[str], bool | None]
+    metrics: Callable[[], bytes]
+    _server: asyncio.Server | None = field(default=None, init=False)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)

@@ -9,6 +9,7 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import websockets
@@ -33,33 +34,23 @@ class CannotVerify(Exception):
 BATCH_WINDOW = 0.01
 
 
+@dataclass(eq=False)
 class DashboardLink:
-    def __init__(
-        self,
-        url: str,
-        token: str,
-        spool: AsyncSpool,
-        *,
-        hello: Callable[[], protocol.Hello],
-        heartbeat: Callable[[], protocol.Heartbeat],
-        on_command: Callable[[protocol.Command], Awaitable[protocol.Result]],
-        heartbeat_interval: float = 3.0,
-        ca_file: Path | None = None,
-    ) -> None:
-        self.url = url
-        self.ca_file = ca_file
-        self.token = token
-        self.spool = spool
-        self.hello = hello
-        self.heartbeat = heartbeat
-        self.on_command = on_command
-        self.heartbeat_interval = heartbeat_interval
-        self.connected = False
-        self.last_error: str | None = None
-        self.acked = 0
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+    url: str
+    token: str
+    spool: AsyncSpool
+    _: KW_ONLY
+    hello: Callable[[], protocol.Hello]
+    heartbeat: Callable[[], protocol.Heartbeat]
+    on_command: Callable[[protocol.Command], Awaitable[protocol.Result]]
+    heartbeat_interval: float = 3.0
+    ca_file: Path | None = None
+    connected: bool = field(default=False, init=False)
+    last_error: str | None = field(default=None, init=False)
+    acked: int = field(default=0, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _drained: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     def notify(self) -> None:
         """New events are in the spool."""

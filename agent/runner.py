@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import protocol
-from agent.backends.base import Backend, Lease, Lost, Misconfigured, Seat, Unavailable
+from agent.backends.base import Backend, Lease, Seat
+from agent.backends.errors import Lost, Misconfigured, Unavailable
 from agent.backends.registry import backend_class
 from agent.config import ElectionConfig
 from protocol import CommandKind, EndReason, State

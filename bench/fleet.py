@@ -11,11 +11,14 @@ import statistics
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+
+from bench.server import Dashboard
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -29,8 +32,33 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+async def woken(event: asyncio.Event, deadline: float, longest: float) -> bool:
+    """Clear ``event`` and wait for it, ``longest`` seconds at the most; False, without
+    waiting, once the monotonic ``deadline`` has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+    event.clear()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), min(left, longest))
+    return True
+
+
+class _Socket:
+    """A websocket and the task that reads it."""
+
+    ws: ClientConnection | None
+    _reader: asyncio.Task[None] | None
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
 @dataclass
-class SimAgent:
+class SimAgent(_Socket):
     """One agent: a hello naming its elections, then events and heartbeats as it is told."""
 
     url: str
@@ -124,19 +152,9 @@ class SimAgent:
     async def drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.acked < self.seq:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not await woken(self._acked, deadline, 1.0):
                 return False
-            self._acked.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._acked.wait(), min(left, 1.0))
         return True
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
 
 
 async def connect_all(agents: list[SimAgent], concurrency: int = 50) -> None:
@@ -147,6 +165,18 @@ async def connect_all(agents: list[SimAgent], concurrency: int = 50) -> None:
             await agent.connect()
 
     await asyncio.gather(*(one(a) for a in agents))
+
+
+async def connected_fleet(
+    dashboard: Dashboard, prefix: str, agents: int, elections: Callable[[str], list[str]]
+) -> list[SimAgent]:
+    """``agents`` agents with ids ``<prefix>-<n>``, each a member of the elections
+    ``elections(its id)`` names, with tokens from ``dashboard``: connected."""
+    ids = [f"{prefix}-{i:05d}" for i in range(agents)]
+    tokens = dashboard.agent_tokens(ids)
+    fleet = [SimAgent(dashboard.ws_agent, a, tokens[a], elections(a)) for a in ids]
+    await connect_all(fleet)
+    return fleet
 
 
 def session_cookie(base: str, username: str, password: str) -> str:
@@ -166,7 +196,7 @@ def session_cookie(base: str, username: str, password: str) -> str:
 
 
 @dataclass
-class Browser:
+class Browser(_Socket):
     """A browser's live socket that acks every frame, as the page's script does."""
 
     base: str
@@ -208,15 +238,5 @@ class Browser:
                 index += 1
                 if wanted in text:
                     return at
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not await woken(self._new, deadline, 0.5):
                 return None
-            self._new.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new.wait(), min(left, 0.5))
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        if self._reader is not None:
-            self._reader.cancel()

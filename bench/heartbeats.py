@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from bench.fleet import SimAgent, connect_all
+from bench.fleet import SimAgent, connected_fleet
 from bench.server import Dashboard, cpu_seconds, service_pids
 
 
@@ -39,10 +39,7 @@ async def run(
     dashboard: Dashboard, *, agents: int, period: float = 3.0, seconds: float = 30.0
 ) -> HeartbeatFigures:
     prefix = f"hb{random.randrange(10**6)}"
-    ids = [f"{prefix}-{i:05d}" for i in range(agents)]
-    tokens = dashboard.agent_tokens(ids)
-    fleet = [SimAgent(dashboard.ws_agent, a, tokens[a], [f"{a}/e"]) for a in ids]
-    await connect_all(fleet)
+    fleet = await connected_fleet(dashboard, prefix, agents, lambda a: [f"{a}/e"])
     # Every agent leads its own election: each heartbeat renews a lease, the costly case.
     for agent in fleet:
         await agent.lead(f"{agent.id}/e", 1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from bench.fleet import SimAgent, connect_all, median, percentile
+from bench.fleet import SimAgent, connected_fleet, median, percentile
 from bench.server import Dashboard
 
 #: The cycle each election goes through: follower -> candidate -> leader -> follower.
@@ -45,10 +45,7 @@ async def run(
     whose transitions come one by one; more is a burst (a campaign, a win, several
     elections changing together), which the agent's link sends as one frame."""
     prefix = f"ing{random.randrange(10**6)}"
-    ids = [f"{prefix}-{i:05d}" for i in range(agents)]
-    tokens = dashboard.agent_tokens(ids)
-    fleet = [SimAgent(dashboard.ws_agent, a, tokens[a], [f"{a}/e0", f"{a}/e1"]) for a in ids]
-    await connect_all(fleet)
+    fleet = await connected_fleet(dashboard, prefix, agents, lambda a: [f"{a}/e0", f"{a}/e1"])
     interval = agents * batch / rate
     started = time.monotonic()
     deadline = started + seconds

@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from bench.fleet import Browser, SimAgent, connect_all, median, percentile, session_cookie
+from bench.fleet import Browser, SimAgent, connected_fleet, median, percentile, session_cookie
 from bench.server import Dashboard
 
 #: Elections a browser can watch at once (one page of the map, filtered to the sample).
@@ -28,10 +28,7 @@ async def run(
     dashboard: Dashboard, *, agents: int, samples: int = 100, period: float = 3.0
 ) -> LatencyFigures:
     prefix = f"lat{random.randrange(10**6)}"
-    ids = [f"{prefix}-{i:05d}" for i in range(agents)]
-    tokens = dashboard.agent_tokens(ids)
-    fleet = [SimAgent(dashboard.ws_agent, a, tokens[a], [f"{a}/e"]) for a in ids]
-    await connect_all(fleet)
+    fleet = await connected_fleet(dashboard, prefix, agents, lambda a: [f"{a}/e"])
     stop = asyncio.Event()
 
     async def beat(agent: SimAgent) -> None:  # the rest of the fleet keeps talking

@@ -11,23 +11,17 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
-from tests.helpers import free_port
+from tests.helpers import free_port, repo_python
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = os.environ.get("ELECTORATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("ELECTORATE_TEST_REDIS", "redis://127.0.0.1:6379/14").rsplit("/", 1)[0]
-
-
-def python() -> str:
-    venv = ROOT / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
 
 
 @dataclass
@@ -44,7 +38,7 @@ class Dashboard:
 
     def manage(self, *args: str, timeout: float = 600) -> str:
         done = subprocess.run(
-            [python(), "manage.py", *args],
+            [repo_python(), "manage.py", *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -127,7 +121,7 @@ def start(
     env.update(
         ELECTORATE_WEB_PROCESSES=str(processes),
         ELECTORATE_BIND=f"tcp://127.0.0.1:{port}",
-        PATH=f"{Path(python()).parent}:{env.get('PATH', '')}",
+        PATH=f"{Path(repo_python()).parent}:{env.get('PATH', '')}",
     )
     dashboard = Dashboard(f"http://127.0.0.1:{port}", env, name, workdir)
     dashboard.manage("migrate", "--verbosity", "0")
@@ -135,7 +129,7 @@ def start(
     dashboard.procs.append(
         subprocess.Popen(
             [
-                str(Path(python()).with_name("supervisord")),
+                str(Path(repo_python()).with_name("supervisord")),
                 "-c",
                 str(ROOT / "deploy" / "supervisord.conf"),
                 "--pidfile",

@@ -31,6 +31,23 @@ RENEW_EVERY = 300.0
 _healthy = True
 
 
+async def receive(
+    channel_layer: Any, channel: str, logger: logging.Logger, level: int, what: str
+) -> dict[str, Any]:
+    """The next message on ``channel``. While the layer is away, each failure is logged (at
+    ``level``, as ``what`` failed) and retried after a back-off from 0.5 s doubling to 5 s."""
+    delay = 0.5
+    while True:
+        try:
+            return await channel_layer.receive(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.log(level, "%s (%s); retrying", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def healthy() -> bool:
     """Whether this process's channel layer answered its last check (any thread may ask)."""
     return _healthy

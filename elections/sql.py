@@ -68,10 +68,16 @@ def _unnest(fields: Sequence[models.Field], rows: Sequence[Sequence[Any]]) -> tu
     return f"unnest({sql})", columns
 
 
-def _chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterable[Sequence[Sequence[Any]]]:
+def _values(
+    fields: Sequence[models.Field], rows: Sequence[Sequence[Any]]
+) -> Iterable[tuple[str, list[Any]]]:
+    """The rows a chunk at a time: the placeholders of a ``VALUES`` list and its parameters."""
+    width = len(fields)
     size = max(1, CHUNK_PARAMS // max(width, 1))
     for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+        chunk = rows[start : start + size]
+        placeholders = ", ".join("(" + ", ".join(["%s"] * width) + ")" for _ in chunk)
+        yield placeholders, [value for row in chunk for value in _prep(fields, row)]
 
 
 def update_from_values(
@@ -95,25 +101,17 @@ def update_from_values(
     table = connection.ops.quote_name(model._meta.db_table)
     q = connection.ops.quote_name
     aliases = [f"c{i}" for i in range(len(names))]
-    sets = ", ".join(
-        f"{q(column)} = {_cast(f'v.{alias}', field)}"
-        for (field, column), alias in zip(columns[len(keys) :], aliases[len(keys) :], strict=True)
-    )
-    match = " AND ".join(
-        f"t.{q(column)} = {_cast(f'v.{alias}', field)}"
-        for (field, column), alias in zip(columns[: len(keys)], aliases[: len(keys)], strict=True)
-    )
+    arrays = _arrays(model_fields)
+    # unnest() already typed the arrays' values; VALUES rows are cast column by column.
+    equals = [
+        f"{q(column)} = {f'v.{alias}' if arrays else _cast(f'v.{alias}', field)}"
+        for (field, column), alias in zip(columns, aliases, strict=True)
+    ]
+    sets = ", ".join(equals[len(keys) :])
+    match = " AND ".join(f"t.{eq}" for eq in equals[: len(keys)])
     updated = 0
-    if _arrays(model_fields):
+    if arrays:
         source, params = _unnest(model_fields, rows)
-        sets = ", ".join(
-            f"{q(column)} = v.{alias}"
-            for (_, column), alias in zip(columns[len(keys) :], aliases[len(keys) :], strict=True)
-        )
-        match = " AND ".join(
-            f"t.{q(column)} = v.{alias}"
-            for (_, column), alias in zip(columns[: len(keys)], aliases[: len(keys)], strict=True)
-        )
         sql = (
             f"UPDATE {table} AS t SET {sets} FROM {source} AS v({', '.join(aliases)}) "
             f"WHERE {match}" + (f" AND ({where})" if where else "")
@@ -122,14 +120,12 @@ def update_from_values(
             cursor.execute(sql, params)
             return cursor.rowcount
     with connection.cursor() as cursor:
-        for chunk in _chunks(rows, len(names)):
-            placeholders = ", ".join("(" + ", ".join(["%s"] * len(names)) + ")" for _ in chunk)
+        for placeholders, params in _values(model_fields, rows):
             sql = (
                 f"WITH v({', '.join(aliases)}) AS (VALUES {placeholders}) "
                 f"UPDATE {table} AS t SET {sets} FROM v WHERE {match}"
                 + (f" AND ({where})" if where else "")
             )
-            params = [value for row in chunk for value in _prep(model_fields, row)]
             cursor.execute(sql, params)
             updated += cursor.rowcount
     return updated
@@ -164,12 +160,11 @@ def insert_ignore_returning(
             cursor.execute(sql, params)
             return cursor.fetchall()
     with connection.cursor() as cursor:
-        for chunk in _chunks(rows, len(fields)):
-            placeholders = ", ".join("(" + ", ".join(["%s"] * len(fields)) + ")" for _ in chunk)
+        for placeholders, params in _values(model_fields, rows):
             sql = (
                 f"INSERT INTO {table} ({names}) "
                 f"VALUES {placeholders} ON CONFLICT ({target}) DO NOTHING RETURNING {back}"
             )
-            cursor.execute(sql, [value for row in chunk for value in _prep(model_fields, row)])
+            cursor.execute(sql, params)
             inserted += cursor.fetchall()
     return inserted

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from operator import attrgetter
 
 from django.db.models import BooleanField, Exists, F, OuterRef, Q
 from django.db.models.expressions import RawSQL
@@ -43,9 +44,8 @@ from protocol import EndReason, State
 SUSPECT_JUMP = 1_000_000
 
 _TERM_FIELDS = ("pk", "election_id", "leader_id", "token", "started", "ended", "end_reason")
-_ELECTION_FIELDS = (
-    "pk",
-    "name",
+#: What a batch may change of an election: read with it, written back when it changed.
+_ELECTION_STATE = (
     "token",
     "leader_id",
     "leader_since",
@@ -55,6 +55,7 @@ _ELECTION_FIELDS = (
     "suspect_token",
     "suspect_since",
 )
+_election_state = attrgetter(*_ELECTION_STATE)
 
 
 class Ledger:
@@ -68,7 +69,9 @@ class Ledger:
         connected: dict[str, bool],
     ) -> None:
         ids = sorted(set(election_ids))
-        self.elections = {e.pk: e for e in statuses.locked(ids).only(*_ELECTION_FIELDS)}
+        self.elections = {
+            e.pk: e for e in statuses.locked(ids).only("pk", "name", *_ELECTION_STATE)
+        }
         self.memberships = {(m.agent_id, m.election_id): m for m in memberships}
         self.members: dict[int, list[Membership]] = {}
         for m in self.memberships.values():
@@ -311,32 +314,8 @@ class Ledger:
         update_from_values(
             Election,
             ["id"],
-            [
-                "token",
-                "leader",
-                "leader_since",
-                "leaderless_since",
-                "status",
-                "suspect_leader",
-                "suspect_token",
-                "suspect_since",
-                "updated",
-            ],
-            [
-                (
-                    e.pk,
-                    e.token,
-                    e.leader_id,
-                    e.leader_since,
-                    e.leaderless_since,
-                    e.status,
-                    e.suspect_leader,
-                    e.suspect_token,
-                    e.suspect_since,
-                    now,
-                )
-                for e in (self.elections[pk] for pk in sorted(rows))
-            ],
+            [*_ELECTION_STATE, "updated"],
+            [(e.pk, *_election_state(e), now) for e in (self.elections[pk] for pk in sorted(rows))],
         )
         webhooks.notify_many(self.alerts)  # an outbox row per webhook that wants them
         # The last write: the audit lock is then held only for the commit, never while this

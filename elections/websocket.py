@@ -16,7 +16,6 @@ What it changes from channels' ``AsyncWebsocketConsumer``, and why:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -49,16 +48,13 @@ class BaseConsumer(AsyncWebsocketConsumer):
             await layer.guard().discard(self.channel_name)
 
     async def _channel_receive(self) -> dict[str, Any]:
-        delay = 0.5
-        while True:
-            try:
-                return await self.channel_layer.receive(self.channel_name)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("channel layer receive failed (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await layer.receive(
+            self.channel_layer,
+            self.channel_name,
+            log,
+            logging.DEBUG,
+            "channel layer receive failed",
+        )
 
     async def join(self, group: str) -> bool:
         """Join a group now, or as soon as the channel layer is back."""

@@ -76,6 +76,8 @@ AgentId = Annotated[
 Short = Annotated[str, Field(max_length=500)]
 Int64 = Annotated[int, Field(ge=0, le=MAX_INT64)]
 Positive64 = Annotated[int, Field(ge=1, le=MAX_INT64)]
+#: A span of time in seconds, at most a day (a TTL, what is left of one, a handover's gap).
+Seconds = Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)]
 #: Times must say their zone: a naive time would be read in the dashboard's.
 Time = AwareDatetime
 Labels = Annotated[
@@ -93,7 +95,7 @@ class ElectionInfo(Frame):
     name: Name
     backend: Annotated[str, Field(min_length=1, max_length=20)]
     labels: Labels = {}
-    ttl: Annotated[float, Field(gt=0, le=86400, allow_inf_nan=False)]
+    ttl: Annotated[Seconds, Field(gt=0)]
 
 
 class Hello(Frame):
@@ -143,7 +145,7 @@ class ElectionState(Frame):
     state: State
     leader: AgentId | None = None
     token: Int64 | None = None
-    ttl_left: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
+    ttl_left: Seconds | None = None
 
 
 class Heartbeat(Frame):
@@ -162,7 +164,7 @@ class Result(Frame):
     #: Who holds the seat now, as the agent saw it.
     leader: AgentId | None = None
     #: Seconds from this agent giving up the seat to seeing the new leader (drills).
-    gap: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
+    gap: Seconds | None = None
 
 
 class Ack(Frame):

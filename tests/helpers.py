@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import socket
+import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 import protocol
+from agent.backends.base import Backend, Lease
+from agent.config import ConfigError, build_config
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_python() -> str:
+    """The checkout's own virtualenv Python when it has one (agents and servers run as they
+    are deployed), else the one running the tests."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def free_port() -> int:
@@ -33,6 +49,33 @@ async def eventually(
             return value
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+
+
+@contextlib.asynccontextmanager
+async def opened(*backends: Backend) -> AsyncIterator[None]:
+    """Open each backend in turn; close them all, in the same order, when the block ends."""
+    for backend in backends:
+        await backend.open()
+    try:
+        yield
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+async def campaign_won(backend: Backend) -> Lease:
+    """Campaign once where the seat is free: the lease it must win."""
+    lease = await backend.campaign()
+    assert lease is not None
+    return lease
+
+
+def refused_options(tmp_path: Path, backend: str, ttl: str, options: dict[str, Any]) -> ConfigError:
+    """The error an election ``db`` on ``backend`` with these options is refused with."""
+    raw = {"election": [{"name": "db", "backend": backend, "ttl": ttl, **options}]}
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, tmp_path / "agent.toml")
+    return info.value
 
 
 def hello(agent: str, *names: str) -> protocol.Hello:

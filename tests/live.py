@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import pytest
@@ -61,18 +61,21 @@ class LiveDashboard:
             raise AssertionError(f"manage.py {' '.join(args)} failed:\n{done.stderr}")
         return done.stdout
 
+    def shell(self, code: str) -> str:
+        """Run ``code`` in ``manage.py shell``: the last line it printed ("" when none)."""
+        lines = self.manage("shell", "-c", code).strip().splitlines()
+        return lines[-1] if lines else ""
+
     def token(self, agent_id: str) -> str:
         return self.manage("create_agent_token", agent_id).strip()
 
     def tokens(self, agent_ids: list[str]) -> dict[str, str]:
         """Tokens for many agents in one process start (``token`` costs one each)."""
-        out = self.manage(
-            "shell",
-            "-c",
+        out = self.shell(
             "import json; from elections import actions; "
             f"print(json.dumps({{a: actions.issue_agent_token(a) for a in {agent_ids!r}}}))",
         )
-        return json.loads(out.strip().splitlines()[-1])
+        return json.loads(out)
 
     def get_json(self, path: str, session: str | None = None) -> object:
         request = urllib.request.Request(self.url + path)
@@ -189,9 +192,7 @@ def start_celery(dashboard: LiveDashboard) -> subprocess.Popen[bytes]:
 
 
 def create_user(dashboard: LiveDashboard, username: str, password: str) -> None:
-    dashboard.manage(
-        "shell",
-        "-c",
+    dashboard.shell(
         "from django.contrib.auth import get_user_model as g; "
         f"u, _ = g().objects.get_or_create(username={username!r}); "
         f"u.set_password({password!r}); u.is_superuser = True; u.is_staff = True; u.save()",
@@ -217,9 +218,11 @@ def log_in(dashboard: LiveDashboard, username: str, password: str) -> str:
     return session
 
 
-def api(dashboard: Any, token: str, method: str, path: str, body: Any = None) -> Any:
-    """A JSON API call to ``dashboard`` (anything with a ``url``) with a bearer token. An HTTP
-    error answers ``{"status": code, **its JSON body}`` rather than raising."""
+def api_response(
+    dashboard: Any, token: str, method: str, path: str, body: Any = None
+) -> tuple[int, bytes]:
+    """A JSON API call to ``dashboard`` (anything with a ``url``) with a bearer token: the
+    HTTP status and the body, an error's as much as a success's."""
     request = urllib.request.Request(
         dashboard.url + path,
         method=method,
@@ -228,13 +231,22 @@ def api(dashboard: Any, token: str, method: str, path: str, body: Any = None) ->
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+            return response.status, response.read()
     except urllib.error.HTTPError as exc:
-        text = exc.read().decode(errors="replace")
-        try:
-            return {"status": exc.code, **json.loads(text)}
-        except ValueError:
-            return {"status": exc.code, "error": text}
+        return exc.code, exc.read()
+
+
+def api(dashboard: Any, token: str, method: str, path: str, body: Any = None) -> Any:
+    """``api_response``'s JSON. An HTTP error answers ``{"status": code, **its JSON body}``
+    rather than raising."""
+    status, raw = api_response(dashboard, token, method, path, body)
+    if status < 400:
+        return json.loads(raw)
+    text = raw.decode(errors="replace")
+    try:
+        return {"status": status, **json.loads(text)}
+    except ValueError:
+        return {"status": status, "error": text}
 
 
 def log_out(dashboard: LiveDashboard, session: str) -> None:
@@ -310,16 +322,34 @@ def embedded_dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Liv
     dashboard.stop()
 
 
-@pytest.fixture(scope="session")
-def production_dashboard(
-    tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, redis_url: str
-) -> Iterator[LiveDashboard]:
-    dashboard = start_dashboard(tmp_path_factory.mktemp("production"), production=True)
+@contextlib.contextmanager
+def production(workdir: Path, **kwargs: Any) -> Iterator[LiveDashboard]:
+    """A production-mode dashboard (PostgreSQL, Redis channel layer; more ``start_dashboard``
+    arguments in ``kwargs``) with a database of its own, stopped and its database dropped when
+    the block ends."""
+    dashboard = start_dashboard(workdir, production=True, **kwargs)
     yield dashboard
     dashboard.stop()
     time.sleep(0.2)
     for step in dashboard.cleanup:
         step()  # type: ignore[operator]
+
+
+def own_production_dashboard(name: str, scope: Literal["module", "session"]) -> Any:
+    """A fixture called ``name``: a ``production`` dashboard for the ``scope``."""
+
+    @pytest.fixture(scope=scope, name=name)
+    def fixture(
+        tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, redis_url: str
+    ) -> Iterator[LiveDashboard]:
+        """A production-mode dashboard with a database of its own."""
+        with production(tmp_path_factory.mktemp(name)) as dashboard:
+            yield dashboard
+
+    return fixture
+
+
+production_dashboard = own_production_dashboard("production_dashboard", "session")
 
 
 @pytest.fixture(scope="session", params=["embedded", "production"])
@@ -425,9 +455,7 @@ def stored_history(
 ) -> tuple[dict[str, list[dict]], list[dict]]:
     """What the dashboard stored: every transition of these agents (by agent, in seq order),
     and the terms it derived for ``election`` (oldest first)."""
-    out = dashboard.manage(
-        "shell",
-        "-c",
+    out = dashboard.shell(
         "import json; from elections.models import Term, Transition as T; "
         f"rows = T.objects.filter(agent_id__in={ids!r}).order_by('agent_id', 'seq').values("
         "'agent_id', 'seq', 'election__name', 'from_state', 'to_state', 'token', 'agent_time'); "
@@ -435,7 +463,7 @@ def stored_history(
         "'leader_id', 'token', 'started', 'ended', 'end_reason'); "
         "print(json.dumps([list(rows), list(terms)], default=str))",
     )
-    rows, terms = json.loads(out.strip().splitlines()[-1])
+    rows, terms = json.loads(out)
     stored: dict[str, list[dict]] = {a: [] for a in ids}
     for row in rows:
         stored[row["agent_id"]].append(row)

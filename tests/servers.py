@@ -7,6 +7,7 @@ session. A server that is missing or down fails the tests that need it: never a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import pytest
 
@@ -76,6 +78,13 @@ class Managed:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def serving(start: Callable[[], Managed]) -> Iterator[str]:
+    """A session fixture's body: the URL of the server ``start`` started, stopped afterwards."""
+    server = start()
+    yield server.url
+    server.stop()
+
+
 def start_etcd() -> Managed:
     binary = shutil.which("etcd")
     if not binary:
@@ -130,12 +139,52 @@ def start_moto() -> Managed:
 
 
 @dataclass
-class PrivateRedis:
-    """A Redis server of the test's own, on a free port, that a test may stop and restart."""
+class PrivateServer:
+    """A server of the test's own on a free port, storing in ``workdir``, that a test may kill
+    and start again; ``private()`` removes it with its files when the test is done."""
 
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Names its temporary directory.
+    kind: ClassVar[str]
+
+    def prepare(self) -> None:
+        """Before the first start."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def remove(self) -> None:
+        self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+S = TypeVar("S", bound=PrivateServer)
+
+
+@contextlib.contextmanager
+def private(cls: type[S]) -> Iterator[S]:
+    """A started ``cls`` server, removed when the block ends."""
+    server = cls(free_port(), Path(tempfile.mkdtemp(prefix=f"electorate-{cls.kind}-")))
+    try:
+        server.prepare()
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@dataclass
+class PrivateRedis(PrivateServer):
+    """A Redis server of the test's own, on a free port, that a test may stop and restart."""
+
+    kind = "redis"
 
     @property
     def url(self) -> str:
@@ -164,26 +213,13 @@ class PrivateRedis:
         )
         wait_tcp("127.0.0.1", self.port, self.proc, "redis-server")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_redis() -> PrivateRedis:
-    server = PrivateRedis(free_port(), Path(tempfile.mkdtemp(prefix="electorate-redis-")))
-    server.start()
-    return server
-
 
 @dataclass
-class PrivateNats:
+class PrivateNats(PrivateServer):
     """A JetStream ``nats-server`` of the test's own, storing in ``workdir``: killed and
     restarted on the same port, it comes back with its streams (and KV buckets)."""
 
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
+    kind = "nats"
 
     @property
     def url(self) -> str:
@@ -200,34 +236,17 @@ class PrivateNats:
         )
         wait_tcp("127.0.0.1", self.port, self.proc, "nats-server")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def remove(self) -> None:
-        self.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def start_nats() -> PrivateNats:
-    server = PrivateNats(free_port(), Path(tempfile.mkdtemp(prefix="electorate-nats-")))
-    server.start()
-    return server
-
 
 #: PostgreSQL refuses to run as root; a private instance runs as this system user.
 PG_USER = "postgres"
 
 
 @dataclass
-class PrivatePostgres:
+class PrivatePostgres(PrivateServer):
     """A PostgreSQL cluster of the test's own (initdb into a temp dir, trust auth, a free
     port), that a test may crash (``pg_ctl stop -m immediate``) and start again."""
 
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
+    kind = "pg"
 
     @property
     def dsn(self) -> str:
@@ -266,7 +285,7 @@ class PrivatePostgres:
     def _user() -> str | None:
         return PG_USER if os.geteuid() == 0 else None
 
-    def init(self) -> None:
+    def prepare(self) -> None:
         if self._user():
             shutil.chown(self.workdir, PG_USER)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
@@ -300,19 +319,6 @@ class PrivatePostgres:
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
             self.proc.wait(10)
 
-    def remove(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def start_postgres() -> PrivatePostgres:
-    server = PrivatePostgres(free_port(), Path(tempfile.mkdtemp(prefix="electorate-pg-")))
-    server.init()
-    server.start()
-    return server
-
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> str:
@@ -335,24 +341,10 @@ def nats_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[Managed]:
-    server = start_etcd()
-    yield server
-    server.stop()
+def etcd_url() -> Iterator[str]:
+    yield from serving(start_etcd)
 
 
 @pytest.fixture(scope="session")
-def etcd_url(etcd_server: Managed) -> str:
-    return etcd_server.url
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[Managed]:
-    server = start_moto()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def s3_url(s3_server: Managed) -> str:
-    return s3_server.url
+def s3_url() -> Iterator[str]:
+    yield from serving(start_moto)

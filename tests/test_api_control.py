@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.live import LiveDashboard, create_user, demo_fleet
+from tests.live import LiveDashboard, api_response, create_user, demo_fleet
 
 pytestmark = pytest.mark.live
 
@@ -26,17 +24,8 @@ def fleet(production_dashboard: LiveDashboard, tmp_path_factory) -> Iterator[dic
 def call(
     dashboard: LiveDashboard, method: str, path: str, token: str, body: Any = None
 ) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        dashboard.url + path,
-        method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    status, raw = api_response(dashboard, token, method, path, body)
+    return status, json.loads(raw)
 
 
 def leader_of(dashboard: LiveDashboard, token: str, name: str) -> dict:
@@ -63,9 +52,7 @@ def operator_token(production_dashboard: LiveDashboard) -> str:
 
 @pytest.fixture(scope="module")
 def viewer_token(production_dashboard: LiveDashboard) -> str:
-    production_dashboard.manage(
-        "shell",
-        "-c",
+    production_dashboard.shell(
         "from django.contrib.auth.models import User; User.objects.create_user('viewer')",
     )
     return production_dashboard.manage("create_api_token", "viewer").strip()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
@@ -10,10 +10,9 @@ import protocol
 from elections import actions, terms
 from elections.models import Agent, AuditEntry, Election, Membership, Term, Transition
 from tests.helpers import hello, parsed_event
+from tests.ingest_checks import T0, assert_superseded
 
 pytestmark = pytest.mark.django_db
-
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 def ev(
@@ -60,14 +59,7 @@ def test_a_late_event_with_an_older_token_is_history_not_news() -> None:
     actions.register_agent(hello("b", "e/1"))
     actions.ingest_events("b", [ev(1, "leader", 6, at=3)])
     actions.ingest_events("a", [ev(1, "leader", 5)])  # replayed late from a's spool
-    election = Election.objects.get()
-    assert (election.leader_id, election.token) == ("b", 6)
-    old = Term.objects.get(token=5)
-    assert (old.leader_id, old.ended, old.end_reason) == (
-        "a",
-        T0 + timedelta(seconds=3),
-        "superseded",
-    )
+    assert_superseded("b", 6, "a", 5, at=3)
 
 
 def test_an_offline_leader_s_term_ends_as_agent_offline() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -13,10 +13,9 @@ from elections import actions
 from elections.ingest import Frame, ingest_frames
 from elections.models import Agent, Election, Membership, Term, Transition
 from tests.helpers import hello, parsed_event
+from tests.ingest_checks import T0, assert_superseded
 
 pytestmark = pytest.mark.django_db
-
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 def won(seq: int, election: str, token: int, at: int = 0) -> protocol.Event:
@@ -86,14 +85,7 @@ def test_an_older_token_later_in_a_batch_never_takes_the_seat() -> None:
     actions.register_agent(hello("a", *["e/0"]))
     actions.register_agent(hello("b", *["e/0"]))
     ingest_frames([Frame("b", [won(1, "e/0", 9, at=5)]), Frame("a", [won(1, "e/0", 4)])])
-    election = Election.objects.get()
-    assert (election.leader_id, election.token) == ("b", 9)
-    late = Term.objects.get(token=4)
-    assert (late.leader_id, late.ended, late.end_reason) == (
-        "a",
-        T0 + timedelta(seconds=5),
-        "superseded",
-    )
+    assert_superseded("b", 9, "a", 4, at=5)
 
 
 def test_a_gap_is_found_again_after_a_restart_of_the_dashboard() -> None:

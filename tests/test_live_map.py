@@ -134,9 +134,7 @@ async def test_a_browser_socket_closes_when_its_session_ends_or_its_account_is_d
     await asyncio.sleep(live.SESSION_CHECK + 0.5)
     assert other.ws.state.name == "OPEN"
     # ...until the account is disabled.
-    small_frames.manage(
-        "shell",
-        "-c",
+    small_frames.shell(
         "from django.contrib.auth.models import User; "
         "User.objects.filter(username='leaver').update(is_active=False)",
     )

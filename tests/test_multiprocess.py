@@ -18,7 +18,7 @@ from tests.live import (
     demo_fleet,
     log_in,
     open_live,
-    start_dashboard,
+    own_production_dashboard,
 )
 
 pytestmark = pytest.mark.live
@@ -26,17 +26,9 @@ pytestmark = pytest.mark.live
 ELECTION = "search/shard-1"
 
 
-@pytest.fixture(scope="module")
-def first(
-    tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, redis_url: str
-) -> Iterator[LiveDashboard]:
-    # A dashboard of its own: the demo fleet's Raft terms start at 1 again, and another
-    # module's fleet may already have taken these elections to higher terms.
-    dashboard = start_dashboard(tmp_path_factory.mktemp("multiprocess"), production=True)
-    yield dashboard
-    dashboard.stop()
-    for step in dashboard.cleanup:
-        step()  # type: ignore[operator]
+# A dashboard of its own: the demo fleet's Raft terms start at 1 again, and another module's
+# fleet may already have taken these elections to higher terms.
+first = own_production_dashboard("first", "module")
 
 
 @pytest.fixture(scope="module")

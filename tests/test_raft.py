@@ -4,8 +4,10 @@ one vote per term, leadership transfer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,19 @@ async def stop(runners: list[ElectionRunner]) -> None:
     await asyncio.gather(*(r.stop(resign=False) for r in runners))
 
 
-async def test_elects_exactly_one_leader_and_followers_agree() -> None:
-    runners = make_cluster(3)
+@contextlib.asynccontextmanager
+async def cluster(n: int, **kwargs: Any) -> AsyncIterator[list[ElectionRunner]]:
+    """``make_cluster(n, ...)``, started; stopped (without resigning) when the block ends."""
+    runners = make_cluster(n, **kwargs)
     await start(runners)
     try:
+        yield runners
+    finally:
+        await stop(runners)
+
+
+async def test_elects_exactly_one_leader_and_followers_agree() -> None:
+    async with cluster(3) as runners:
 
         def agreed() -> ElectionRunner | None:
             # One leader, and every member names it with its term.
@@ -72,8 +83,6 @@ async def test_elects_exactly_one_leader_and_followers_agree() -> None:
 
         leader = await eventually(agreed)
         assert {r.state for r in runners if r is not leader} == {"follower"}
-    finally:
-        await stop(runners)
 
 
 async def test_at_most_one_leader_per_term_over_many_elections() -> None:
@@ -102,9 +111,7 @@ async def test_at_most_one_leader_per_term_over_many_elections() -> None:
 
 
 async def test_reelects_after_the_leader_stops() -> None:
-    runners = make_cluster(3)
-    await start(runners)
-    try:
+    async with cluster(3) as runners:
         [old] = await eventually(lambda: leaders(runners) or None)
         old_term = old.token
         # A crash, not a resign: the node just vanishes.
@@ -115,14 +122,10 @@ async def test_reelects_after_the_leader_stops() -> None:
         assert new.token > old_term
         assert time.monotonic() - started < 1.5  # 2 x election timeout + a vote round
         await eventually(lambda: not old.is_leader(), timeout=2)
-    finally:
-        await stop(runners)
 
 
 async def test_no_vote_members_never_lead() -> None:
-    runners = make_cluster(3, no_vote={2})
-    await start(runners)
-    try:
+    async with cluster(3, no_vote={2}) as runners:
         for _ in range(3):
             [leader] = await eventually(lambda: leaders(runners) or None)
             assert leader is not runners[2]
@@ -130,14 +133,10 @@ async def test_no_vote_members_never_lead() -> None:
             await leader.step_down(hold_off=0.2)
         await eventually(lambda: runners[2].leader is not None)
         assert not runners[2].is_leader()
-    finally:
-        await stop(runners)
 
 
 async def test_two_voters_and_a_no_vote_member_need_both_voters() -> None:
-    runners = make_cluster(3, no_vote={2})
-    await start(runners)
-    try:
+    async with cluster(3, no_vote={2}) as runners:
         [leader] = await eventually(lambda: leaders(runners) or None)
         other_voter = runners[1] if leader is runners[0] else runners[0]
         await other_voter.backend.close()
@@ -145,8 +144,6 @@ async def test_two_voters_and_a_no_vote_member_need_both_voters() -> None:
         await eventually(lambda: not leader.is_leader(), timeout=2)
         await asyncio.sleep(1.0)
         assert leaders(runners) == []
-    finally:
-        await stop(runners)
 
 
 async def test_a_node_votes_once_per_term() -> None:
@@ -182,9 +179,7 @@ async def test_a_transfer_overrides_stickiness_only_for_the_leader_that_asked() 
 
 
 async def test_pre_vote_does_not_disturb_a_healthy_leader() -> None:
-    runners = make_cluster(3)
-    await start(runners)
-    try:
+    async with cluster(3) as runners:
         [leader] = await eventually(lambda: leaders(runners) or None)
         follower = next(r for r in runners if r is not leader)
         term = leader.token
@@ -197,14 +192,10 @@ async def test_pre_vote_does_not_disturb_a_healthy_leader() -> None:
         assert leader.is_leader()
         assert leader.backend.node.term == term
         assert node.term == term
-    finally:
-        await stop(runners)
 
 
 async def test_leadership_transfer_hands_over_to_the_named_successor() -> None:
-    runners = make_cluster(3)
-    await start(runners)
-    try:
+    async with cluster(3) as runners:
         [leader] = await eventually(lambda: leaders(runners) or None)
         await eventually(lambda: len(leader.backend.node.peer_ids) == 2)
         successor = next(r for r in runners if r is not leader)
@@ -214,8 +205,6 @@ async def test_leadership_transfer_hands_over_to_the_named_successor() -> None:
         await eventually(successor.is_leader, timeout=0.5)
         assert time.monotonic() - started < 0.5
         assert result.token == successor.token > 0
-    finally:
-        await stop(runners)
 
 
 def test_options_are_checked() -> None:
@@ -230,48 +219,47 @@ def test_options_are_checked() -> None:
     )
 
 
-async def _bare_nodes(n: int, timeout: str = "300ms") -> list[RaftNode]:
-    """``n`` started nodes that campaign only when a test makes them eligible."""
+@contextlib.asynccontextmanager
+async def bare_nodes(n: int, timeout: str = "300ms") -> AsyncIterator[list[RaftNode]]:
+    """``n`` started nodes that campaign only when a test makes them eligible; stopped when the
+    block ends."""
     nodes = [r.backend.node for r in make_cluster(n, timeout=timeout)]
     for node in nodes:
         await node.start()
-    return nodes
+    try:
+        yield nodes
+    finally:
+        await asyncio.gather(*(node.stop() for node in nodes))
 
 
-async def _stop_nodes(nodes: list[RaftNode]) -> None:
-    await asyncio.gather(*(node.stop() for node in nodes))
+async def pre_vote_sent(node: RaftNode) -> tuple[int, asyncio.Task[None]]:
+    """Make ``node`` campaign with a pre-vote; once its requests are on their way, its term
+    before the campaign and the campaign."""
+    node.eligible = True
+    term = node.term
+    campaign = asyncio.create_task(node._campaign(pre_vote=True))
+    await asyncio.sleep(0)  # the pre-vote requests are on their way
+    return term, campaign
 
 
 async def test_a_pre_vote_answered_after_a_newer_vote_is_dropped() -> None:
     # After a partition heals, a node's pre-vote may come back granted after the node has
     # already voted for someone else in a newer term; campaigning on it deposed that winner.
-    nodes = await _bare_nodes(3)
-    try:
+    async with bare_nodes(3) as nodes:
         node = nodes[2]
-        node.eligible = True
-        term = node.term
-        campaign = asyncio.create_task(node._campaign(pre_vote=True))
-        await asyncio.sleep(0)  # the pre-vote requests are on their way
+        term, campaign = await pre_vote_sent(node)
         assert node._on_vote(term + 1, "node-0", pre=False, transfer_from=None)["granted"]
         await campaign
         assert (node.term, node.role, node.voted_for) == (term + 1, "follower", "node-0")
-    finally:
-        await _stop_nodes(nodes)
 
 
 async def test_a_pre_vote_answered_after_a_leader_was_heard_is_dropped() -> None:
-    nodes = await _bare_nodes(3)
-    try:
+    async with bare_nodes(3) as nodes:
         node = nodes[2]
-        node.eligible = True
-        term = node.term
-        campaign = asyncio.create_task(node._campaign(pre_vote=True))
-        await asyncio.sleep(0)
+        term, campaign = await pre_vote_sent(node)
         assert node._on_append(term, "node-0")["ok"]  # a leader of this very term spoke
         await campaign
         assert (node.term, node.role, node.leader_id) == (term, "follower", "node-0")
-    finally:
-        await _stop_nodes(nodes)
 
 
 async def test_back_to_back_step_downs_are_handed_over_at_once() -> None:
@@ -302,8 +290,7 @@ async def test_back_to_back_step_downs_are_handed_over_at_once() -> None:
 
 
 async def test_a_handover_never_goes_to_a_member_holding_off() -> None:
-    nodes = await _bare_nodes(3, timeout="1s")
-    try:
+    async with bare_nodes(3, timeout="1s") as nodes:
         for node in nodes:
             node.eligible = True
         for i in range(8):
@@ -320,17 +307,13 @@ async def test_a_handover_never_goes_to_a_member_holding_off() -> None:
             assert holding.role == "follower" and ready.lease(), (holding.role, ready.role)
             assert took < 0.5, f"handover {i} took {took:.2f}s"
             holding.eligible = leader.eligible = True
-    finally:
-        await _stop_nodes(nodes)
 
 
 async def test_a_member_whose_runner_holds_off_is_not_handed_the_seat() -> None:
     # A switchover makes the other members hold off; a held-off member that took a handover
     # would win the node's election while its runner refuses to lead: nobody would lead.
     for _ in range(4):  # a random pick would land on the held-off member half the time
-        runners = make_cluster(3, timeout="1s")
-        await start(runners)
-        try:
+        async with cluster(3, timeout="1s") as runners:
             [leader] = await eventually(lambda rs=runners: leaders(rs) or None)
             held, other = [r for r in runners if r is not leader]
             held.hold(30)
@@ -339,8 +322,6 @@ async def test_a_member_whose_runner_holds_off_is_not_handed_the_seat() -> None:
             result = await leader.step_down(hold_off=30)
             assert result.ok and result.leader == other.agent_id, result
             assert other.is_leader() and time.monotonic() - started < 0.5
-        finally:
-            await stop(runners)
 
 
 def port_of(runner: ElectionRunner) -> int:
@@ -373,23 +354,17 @@ async def assert_still_leads(
 
 
 async def test_an_unsigned_append_with_a_higher_term_does_not_depose_the_leader() -> None:
-    runners = make_cluster(3)
-    await start(runners)
-    try:
+    async with cluster(3) as runners:
         leader, term = await settled(runners)
         forged = {"type": "append", "term": term + 100, "leader": "evil", "election": "svc/raft"}
         for runner in runners:
             reply = await exchange(port_of(runner), forged)
             assert "error" in reply and "mac" not in reply, reply
         await assert_still_leads(runners, leader, term)
-    finally:
-        await stop(runners)
 
 
 async def test_a_message_signed_with_another_secret_is_refused() -> None:
-    runners = make_cluster(3)
-    await start(runners)
-    try:
+    async with cluster(3) as runners:
         leader, term = await settled(runners)
         member = next(r for r in runners if r is not leader)
         wrong = PeerAuth(b"some-other-secret-of-sixteen", "svc/raft")
@@ -405,14 +380,10 @@ async def test_a_message_signed_with_another_secret_is_refused() -> None:
         reply = await exchange(port_of(leader), forged)
         assert reply == {"error": "not signed with this election's secret"}
         await assert_still_leads(runners, leader, term)
-    finally:
-        await stop(runners)
 
 
 async def test_a_signed_message_from_a_non_member_or_replayed_is_refused() -> None:
-    runners = make_cluster(3)
-    await start(runners)
-    try:
+    async with cluster(3) as runners:
         leader, term = await settled(runners)
         auth = PeerAuth(SECRET.encode(), "svc/raft")
         stranger = auth.seal(
@@ -447,8 +418,6 @@ async def test_a_signed_message_from_a_non_member_or_replayed_is_refused() -> No
         stale["mac"] = auth._mac({k: v for k, v in stale.items() if k != "mac"})
         assert await exchange(port_of(other), stale) == {"error": "stale or replayed"}
         await assert_still_leads(runners, leader, term)
-    finally:
-        await stop(runners)
 
 
 def test_a_secret_is_required_and_secret_file_is_relative_to_the_config(tmp_path: Path) -> None:
@@ -478,9 +447,7 @@ def test_a_secret_is_required_and_secret_file_is_relative_to_the_config(tmp_path
 
 
 async def test_with_nobody_ready_the_first_member_back_in_the_race_takes_over_at_once() -> None:
-    runners = make_cluster(3, timeout="1s")
-    await start(runners)
-    try:
+    async with cluster(3, timeout="1s") as runners:
         leader, _ = await settled(runners)
         others = [r for r in runners if r is not leader]
         for runner in others:
@@ -492,5 +459,3 @@ async def test_with_nobody_ready_the_first_member_back_in_the_race_takes_over_at
         took = time.monotonic() - started
         # When the hold-offs end (0.38 s from here), not an election timeout (1-2 s) later.
         assert 0.3 < took < 0.9, f"{result.leader} took over after {took:.2f}s"
-    finally:
-        await stop(runners)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -25,34 +24,28 @@ from tests.live import (
     log_in,
     open_agent,
     open_live,
-    start_dashboard,
+    production,
 )
-from tests.servers import PrivateRedis, start_redis
+from tests.servers import PrivateRedis, private
 
 pytestmark = pytest.mark.live
 
 
 @pytest.fixture(scope="module")
 def redis() -> Iterator[PrivateRedis]:
-    server = start_redis()
-    yield server
-    server.stop()
-    shutil.rmtree(server.workdir, ignore_errors=True)
+    with private(PrivateRedis) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def dashboard(
     redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory, pg_dsn: str
 ) -> Iterator[LiveDashboard]:
-    dashboard = start_dashboard(
+    with production(
         tmp_path_factory.mktemp("redis-outage"),
-        production=True,
         extra_env={"REDIS_URL": redis.url, "ELECTORATE_TICKER": "1"},
-    )
-    yield dashboard
-    dashboard.stop()
-    for step in dashboard.cleanup:
-        step()  # type: ignore[operator]
+    ) as dashboard:
+        yield dashboard
 
 
 async def until_command(ws: Any, timeout: float) -> dict:
@@ -87,7 +80,7 @@ async def test_agents_are_served_through_a_redis_outage(
     await follower.send(json.dumps({"type": "events", "items": [item]}))
     assert await frame(follower) == {"type": "ack", "seq": 1}
 
-    redis.stop()
+    redis.kill()
     await asyncio.sleep(2)  # the dashboard notices
     # Sockets stay open; events are stored and acked; a new agent is accepted.
     item = event(2, name, to="follower", token=1, leader=leader_id)

@@ -17,6 +17,7 @@ at that instant, and the runner demotes without waiting for the next renewal.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
 
 
 class Revocation:
@@ -91,6 +94,24 @@ class Takeover:
             return 0.0
         return self.since + max(self.ttl, ttl or 0.0)
 
+    def waits(self, at: float, election: str, gone: str) -> bool:
+        """Whether the seat may not be claimed yet (before ``at``, from ``claim_at``): then
+        ``pending_until`` is ``at``, and the first such answer logs why (``gone``: who left
+        the seat, or what became of it)."""
+        left = at - time.monotonic()
+        if left <= 0:
+            return False
+        if self.pending_until is None:
+            log.info(
+                "election %s: %s without a resign; waiting %.2fs for the last holder's lease "
+                "to run out before campaigning",
+                election,
+                gone,
+                left,
+            )
+        self.pending_until = at
+        return True
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -117,35 +138,6 @@ class Seat:
     token: int | None = None
 
 
-class BackendError(Exception):
-    """Base for backend failures."""
-
-
-class Lost(BackendError):
-    """Leadership is gone for certain (a compare-and-set failed, the session or lease died)."""
-
-
-class Unavailable(BackendError):
-    """The backend could not be reached or did not answer: leadership is unknown, not lost."""
-
-
-class Misconfigured(BackendError):
-    """The backend refuses this configuration (e.g. a NATS bucket whose TTL disagrees)."""
-
-
-def describe(exc: BaseException) -> str:
-    """An error in one line: the first line of its text, or its type when it has none."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def unavailable(what: str, why: BaseException | str) -> Unavailable:
-    """What a backend raises, ``from None``, when its client fails: ``what`` failed and why, in
-    one line. Not chained: the client's traceback says nothing the message does not, and the
-    runner only logs the message and retries."""
-    return Unavailable(f"{what}: {why if isinstance(why, str) else describe(why)}")
-
-
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -167,13 +159,28 @@ class BackendOptions(BaseModel):
 
 
 class Backend(ABC):
-    """One election on one mechanism, for one agent."""
+    """One election on one mechanism, for one agent.
+
+    A backend declares itself in its class statement:
+    ``class EtcdBackend(Backend, name="etcd", options=EtcdOptions, notifies=True)``.
+    """
 
     #: The ``backend = "..."`` name in the agent config.
     name: ClassVar[str]
     Options: ClassVar[type[BackendOptions]] = BackendOptions
     #: True when followers are woken by the backend (watch, LISTEN, pub/sub) rather than polling.
     notifies: ClassVar[bool] = False
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str,
+        options: type[BackendOptions] = BackendOptions,
+        notifies: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.Options, cls.notifies = name, options, notifies
 
     def __init__(self, *, election: str, agent_id: str, ttl: float, options: Any) -> None:
         self.election = election

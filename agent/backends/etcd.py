@@ -84,19 +84,9 @@ import aetcd
 from aetcd import exceptions as etcd_errors
 from pydantic import field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Revocation,
-    Seat,
-    Takeover,
-    Text,
-    Unavailable,
-    unavailable,
-)
+from agent.aio import cancelled
+from agent.backends.base import Backend, BackendOptions, Lease, Revocation, Seat, Takeover, Text
+from agent.backends.errors import Lost, Misconfigured, Unavailable, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +139,7 @@ def _json(value: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-class EtcdBackend(Backend):
-    name = "etcd"
-    Options = EtcdOptions
-    notifies = True
-
+class EtcdBackend(Backend, name="etcd", options=EtcdOptions, notifies=True):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         opts: EtcdOptions = self.options
@@ -336,10 +322,7 @@ class EtcdBackend(Backend):
 
     async def _stop_guard(self) -> None:
         task, self._guard_task = self._guard_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancelled(task)
 
     async def _abandon(self) -> None:
         """Drop what is left of an earlier term of ours (its seat was taken away)."""
@@ -359,19 +342,8 @@ class EtcdBackend(Backend):
         if seat is not None:
             self._takeover.pending_until = None
             return None
-        now = time.monotonic()
-        at = self._takeover_at(record)
-        if now < at:
-            if self._takeover.pending_until is None:
-                holder = _json(record.value).get("agent") if record is not None else "unknown"
-                log.info(
-                    "election %s: %s left the seat without resigning; waiting %.2fs for its "
-                    "lease to run out before campaigning",
-                    self.election,
-                    holder,
-                    at - now,
-                )
-            self._takeover.pending_until = at
+        holder = _json(record.value).get("agent") if record is not None else "unknown"
+        if self._takeover.waits(self._takeover_at(record), self.election, f"{holder} left"):
             return None
         self._takeover.pending_until = None
         return await self._take(record.mod_revision if record is not None else 0)

@@ -66,18 +66,9 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Revocation,
-    Seat,
-    Takeover,
-    Unavailable,
-    unavailable,
-)
+from agent.aio import cancelled
+from agent.backends.base import Backend, BackendOptions, Lease, Revocation, Seat, Takeover
+from agent.backends.errors import Lost, Misconfigured, Unavailable, unavailable
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)
@@ -155,11 +146,7 @@ class NatsOptions(BackendOptions):
         return value
 
 
-class NatsBackend(Backend):
-    name = "nats"
-    Options = NatsOptions
-    notifies = True
-
+class NatsBackend(Backend, name="nats", options=NatsOptions, notifies=True):
     @classmethod
     def check_options(cls, options: NatsOptions, ttl: float) -> tuple[str, str] | None:
         if ttl < 1.0:
@@ -306,10 +293,7 @@ class NatsBackend(Backend):
 
     async def close(self) -> None:
         task, self._watch_task = self._watch_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancelled(task)
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
@@ -346,17 +330,8 @@ class NatsBackend(Backend):
                 value = _decode(entry.value)
                 resigned = entry.operation == "DEL" and value.get("resigned") is True
                 at = self._takeover.claim_at(resigned=resigned)
-                if time.monotonic() < at:
-                    if self._takeover.pending_until is None:
-                        log.info(
-                            "election %s: key %s was %s without a resign; waiting %.2fs for "
-                            "its holder's lease to run out before campaigning",
-                            self.election,
-                            self.key,
-                            "purged" if entry.operation == "PURGE" else "deleted",
-                            at - time.monotonic(),
-                        )
-                    self._takeover.pending_until = at
+                how = "purged" if entry.operation == "PURGE" else "deleted"
+                if self._takeover.waits(at, self.election, f"key {self.key} was {how}"):
                     return None
                 last = entry.revision or 0
             self._takeover.pending_until = None

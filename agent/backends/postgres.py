@@ -65,17 +65,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Seat,
-    Unavailable,
-    describe,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Seat
+from agent.backends.errors import Lost, Misconfigured, Unavailable, describe, unavailable
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)
@@ -179,11 +170,7 @@ class PostgresOptions(BackendOptions):
         return value
 
 
-class PostgresBackend(Backend):
-    name = "postgres"
-    Options = PostgresOptions
-    notifies = True
-
+class PostgresBackend(Backend, name="postgres", options=PostgresOptions, notifies=True):
     @classmethod
     def check_options(cls, options: PostgresOptions, ttl: float) -> tuple[str, str] | None:
         if options.check_interval * 2 > ttl:

@@ -72,7 +72,8 @@ from pydantic import (
     model_validator,
 )
 
-from agent.backends.base import Backend, BackendOptions, Lease, Lost, Misconfigured, Seat
+from agent.backends.base import Backend, BackendOptions, Lease, Seat
+from agent.backends.errors import Lost, Misconfigured
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,7 @@ class RaftOptions(BackendOptions):
         return self._secret
 
 
-class RaftBackend(Backend):
-    name = "raft"
-    Options = RaftOptions
-    notifies = True
-
+class RaftBackend(Backend, name="raft", options=RaftOptions, notifies=True):
     @classmethod
     def check_options(cls, options: RaftOptions, ttl: float) -> tuple[str, str] | None:
         from agent.config import parse_host_port

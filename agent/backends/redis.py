@@ -54,18 +54,8 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from agent.backends.base import (
-    Backend,
-    BackendError,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Seat,
-    Text,
-    Unavailable,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Seat, Text
+from agent.backends.errors import BackendError, Lost, Misconfigured, Unavailable, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +117,7 @@ class RedisOptions(BackendOptions):
         return value
 
 
-class RedisBackend(Backend):
-    name = "redis"
-    Options = RedisOptions
-    notifies = True
-
+class RedisBackend(Backend, name="redis", options=RedisOptions, notifies=True):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         opts: RedisOptions = self.options

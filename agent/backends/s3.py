@@ -71,18 +71,8 @@ import urllib3.exceptions
 from botocore.config import Config
 from pydantic import field_validator
 
-from agent.backends.base import (
-    Backend,
-    BackendOptions,
-    Lease,
-    Lost,
-    Misconfigured,
-    Seat,
-    Takeover,
-    Text,
-    Unavailable,
-    unavailable,
-)
+from agent.backends.base import Backend, BackendOptions, Lease, Seat, Takeover, Text
+from agent.backends.errors import Lost, Misconfigured, Unavailable, unavailable
 from agent.durations import Duration
 
 log = logging.getLogger(__name__)
@@ -215,10 +205,7 @@ def classify(refused: _Refused) -> str:
     return "error"
 
 
-class S3Backend(Backend):
-    name = "s3"
-    Options = S3Options
-
+class S3Backend(Backend, name="s3", options=S3Options):
     @classmethod
     def check_options(cls, options: S3Options, ttl: float) -> tuple[str, str] | None:
         t = timing(options, ttl)
@@ -458,18 +445,8 @@ class S3Backend(Backend):
             term, sent = mine
             return self._won(snap.etag, term, sent)
         if snap.etag is None:
-            at = self._takeover.claim_at()
-            if time.monotonic() < at:
-                if self._takeover.pending_until is None:
-                    log.info(
-                        "election %s: s3://%s/%s was deleted without a resign; waiting %.2fs "
-                        "for its holder's lease to run out before campaigning",
-                        self.election,
-                        self.bucket,
-                        self.key,
-                        at - time.monotonic(),
-                    )
-                self._takeover.pending_until = at
+            gone = f"s3://{self.bucket}/{self.key} was deleted"
+            if self._takeover.waits(self._takeover.claim_at(), self.election, gone):
                 self._fresh = snap
                 return None
             condition = {"IfNoneMatch": "*"}

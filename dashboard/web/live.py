@@ -193,18 +193,10 @@ class LiveHub:
         guard = elections_layer.guard()
         guard.recovered.append(self.afresh)
         await guard.add(channel, FLEET_GROUP)
-        delay = 0.5
         while True:
-            try:
-                message = await layer.receive(channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("live map: channel layer unavailable (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.5
+            message = await elections_layer.receive(
+                layer, channel, log, logging.WARNING, "live map: channel layer unavailable"
+            )
             if message.get("type") == "fleet.changed":
                 self.pending.update(message.get("elections", ()))
             self._wake.set()

@@ -16,28 +16,21 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Self
 
 from agent.backends.base import Backend
 from agent.backends.registry import BACKENDS, backend_class
 from agent.config import ElectionConfig, build_config
 from agent.runner import ElectionRunner, Transition
-from tests.helpers import free_port
+from tests.helpers import REPO, free_port, repo_python
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES: list[str] = list(BACKENDS)
-
-
-def agent_python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
 
 
 # -- targets: one backend, its setup module and its server ------------------------------------
@@ -212,6 +205,11 @@ class Elections:
         await start_all(runners)
         return runners
 
+    async def recorded(self, t: Target, n: int = 3) -> tuple[list[ElectionRunner], Recorder]:
+        """``start``, with a recorder of what the runners report."""
+        recorder = Recorder()
+        return await self.start(t, n, recorder=recorder), recorder
+
     def cluster(self, t: Target, workdir: Path, n: int = 3) -> Cluster:
         """``n`` agent processes of one fresh election (see ``Cluster``), started."""
         cluster = Cluster(t, workdir, n)
@@ -286,12 +284,33 @@ async def settled_leader(runners: list[ElectionRunner], timeout: float) -> Elect
         await asyncio.sleep(0.005)
 
 
-class Sampler:
+class Background:
+    """A sampler that runs ``_run`` as a background task for the ``async with`` block."""
+
+    task_name = "sampler"
+    _task: asyncio.Task[None]
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class Sampler(Background):
     """Samples ``is_leader()`` of every runner every few ms in the background.
 
     Records every moment two runners claimed leadership at once, and the sequence of
     (leader, token) as it changed.
     """
+
+    task_name = "leader sampler"
 
     def __init__(self, runners: list[ElectionRunner], interval: float = 0.002) -> None:
         self.runners = runners
@@ -299,7 +318,6 @@ class Sampler:
         self.samples = 0
         self.overlaps: list[tuple[float, list[tuple[str, int | None]]]] = []
         self.changes: list[tuple[str | None, int | None]] = []
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -311,16 +329,6 @@ class Sampler:
             if not self.changes or self.changes[-1] != head:
                 self.changes.append(head)
             await asyncio.sleep(self.interval)
-
-    async def __aenter__(self) -> Sampler:
-        self._task = asyncio.create_task(self._run(), name="leader sampler")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 # -- agent processes --------------------------------------------------------------------------
@@ -376,6 +384,7 @@ async def http_get(
             writer.close()
 
 
+@dataclass(eq=False)
 class AgentProcess:
     """One ``python -m agent run --config FILE`` process with a health endpoint.
 
@@ -384,29 +393,23 @@ class AgentProcess:
     where its health endpoint is reached on ``host``.
     """
 
-    def __init__(
-        self,
-        agent: str,
-        election: str,
-        config: Path,
-        health_port: int,
-        *,
-        host: str = "127.0.0.1",
-        prefix: list[str] | None = None,
-    ) -> None:
-        self.id = agent
-        self.election = election
-        self.config = config
-        self.health_port = health_port
-        self.host = host
-        self.prefix = prefix or []
-        self.log = config.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
+    id: str
+    election: str
+    config: Path
+    health_port: int
+    _: KW_ONLY
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def log(self) -> Path:
+        return self.config.with_suffix(".log")
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, agent_python(), "-m", "agent", "run", "--config", str(self.config)],
+                [*self.prefix, repo_python(), "-m", "agent", "run", "--config", str(self.config)],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -504,7 +507,7 @@ class Cluster:
                 configure(i, raw)
             path = workdir / f"{self.election.replace('/', '_')}-{name}.toml"
             path.write_text(toml_dumps(raw))
-            prefix = prefixes[i] if prefixes else None
+            prefix = prefixes[i] if prefixes else []
             self.agents.append(
                 AgentProcess(name, self.election, path, port, host=host, prefix=prefix)
             )
@@ -565,7 +568,7 @@ class Cluster:
         await self.target.cleanup(self.election)
 
 
-class HealthSampler:
+class HealthSampler(Background):
     """Asks every agent's health endpoint whether it leads, every ``interval`` seconds.
 
     A round sends all requests at once; a round in which two agents answered 200 is an overlap.
@@ -575,6 +578,8 @@ class HealthSampler:
     With ``tokens``, each agent that answered 200 is also asked (``GET /health``) for the
     fencing token it holds, and every change of (leader, token) is kept in ``terms``.
     """
+
+    task_name = "health sampler"
 
     def __init__(
         self, agents: list[AgentProcess], interval: float = 0.02, *, tokens: bool = False
@@ -587,7 +592,6 @@ class HealthSampler:
         self.history: list[tuple[float, tuple[str, ...]]] = []
         #: (monotonic time first seen, leader, the token it reported), one entry per change.
         self.terms: list[tuple[float, str, int | None]] = []
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -640,13 +644,3 @@ class HealthSampler:
         if current is not None:
             spans.append(current)
         return spans
-
-    async def __aenter__(self) -> HealthSampler:
-        self._task = asyncio.create_task(self._run(), name="health sampler")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task

@@ -31,16 +31,16 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, build_config
+from agent.runner import ElectionRunner, StepDownResult
 from tests.backends.conformance import (
     NAMES,
     REPO,
+    AgentProcess,
     Elections,
     Event,
     HealthSampler,
-    Recorder,
     Sampler,
     Target,
-    agent_python,
     describe,
     leaders,
     load_setup,
@@ -50,6 +50,7 @@ from tests.backends.conformance import (
     toml_dumps,
     wait_until,
 )
+from tests.helpers import repo_python
 
 #: Margin on top of the TTL for a killed leader to be replaced: its seat frees when the TTL runs
 #: out, and a follower still needs a watch event or a poll, and a claim, to take it. A resign
@@ -90,6 +91,32 @@ async def elections() -> AsyncIterator[Elections]:
         await started.stop()
 
 
+async def failover(
+    backend: Target, tmp_path: Path, elections: Elections, sig: int
+) -> tuple[AgentProcess, float]:
+    """Signal the leader of a fresh agent cluster: that leader, and how long until another led."""
+    cluster = elections.cluster(backend, tmp_path)
+    leader = await cluster.leader(backend.ttl + START)
+    elapsed, new = await cluster.failover(leader, sig, backend.ttl + 10)
+    assert new != leader.id
+    return leader, elapsed
+
+
+async def churn(
+    runners: list[ElectionRunner], backend: Target, step_downs: int
+) -> list[tuple[ElectionRunner, StepDownResult]]:
+    """Once one leads, step down whoever leads ``step_downs`` times, each sitting out longer
+    than a failover so that one of the others must win; then one leads again. Who stepped down,
+    and how that went."""
+    await one_leader(runners, backend.ttl + START)
+    done = []
+    for _ in range(step_downs):
+        leader = await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+        done.append((leader, await leader.step_down(hold_off=backend.ttl + 1)))
+    await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+    return done
+
+
 def resign_bound(t: Target) -> float:
     return NOTIFIED_RESIGN if t.cls.notifies else t.ttl + KILL_MARGIN
 
@@ -113,16 +140,10 @@ async def test_exactly_one_leader_emerges_and_followers_know_it(
 async def test_at_most_one_leader_while_leadership_churns(
     backend: Target, elections: Elections
 ) -> None:
-    recorder = Recorder()
-    runners = await elections.start(backend, recorder=recorder)
+    runners, recorder = await elections.recorded(backend)
     async with Sampler(runners) as sampler:
-        await one_leader(runners, backend.ttl + START)
-        for _ in range(3):
-            leader = await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
-            # Sit out longer than a failover, so that one of the others must win.
-            result = await leader.step_down(hold_off=backend.ttl + 1)
+        for leader, result in await churn(runners, backend, 3):
             assert result.ok, f"step-down of {leader.agent_id}: {result.detail}"
-        await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
     assert sampler.samples > 100
     assert sampler.overlaps == [], f"two leaders at once: {sampler.overlaps[:3]}"
     assert all(e.others_leading == () for e in recorder.wins()), recorder.wins()
@@ -134,14 +155,9 @@ async def test_at_most_one_leader_while_leadership_churns(
 async def test_fencing_tokens_strictly_increase_across_leaders(
     backend: Target, elections: Elections
 ) -> None:
-    recorder = Recorder()
-    runners = await elections.start(backend, recorder=recorder)
+    runners, recorder = await elections.recorded(backend)
     async with Sampler(runners) as sampler:
-        await one_leader(runners, backend.ttl + START)
-        for _ in range(2):
-            leader = await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
-            await leader.step_down(hold_off=backend.ttl + 1)
-        await one_leader(runners, backend.ttl + KILL_MARGIN + 1)
+        await churn(runners, backend, 2)
     tokens = [e.token for e in recorder.wins()]
     assert len(tokens) >= 3, recorder.wins()
     assert all(isinstance(t, int) for t in tokens), tokens
@@ -155,8 +171,7 @@ async def test_fencing_tokens_strictly_increase_across_leaders(
 async def test_leader_cut_off_from_the_backend_demotes_before_another_wins(
     backend: Target, elections: Elections
 ) -> None:
-    recorder = Recorder()
-    runners = await elections.start(backend, recorder=recorder)
+    runners, recorder = await elections.recorded(backend)
     async with Sampler(runners) as sampler:
         old = await settled_leader(runners, backend.ttl + START)
         elections.stop_without_resign(old)
@@ -246,10 +261,7 @@ async def test_resign_is_taken_over_quickly(backend: Target, elections: Election
 async def test_killed_leader_process_is_replaced_within_ttl(
     backend: Target, tmp_path: Path, elections: Elections
 ) -> None:
-    cluster = elections.cluster(backend, tmp_path)
-    leader = await cluster.leader(backend.ttl + START)
-    elapsed, new = await cluster.failover(leader, signal.SIGKILL, backend.ttl + 10)
-    assert new != leader.id
+    _, elapsed = await failover(backend, tmp_path, elections, signal.SIGKILL)
     assert elapsed < backend.ttl + KILL_MARGIN, (
         f"killed leader replaced after {elapsed:.2f}s, TTL {backend.ttl}s"
     )
@@ -258,10 +270,7 @@ async def test_killed_leader_process_is_replaced_within_ttl(
 async def test_sigterm_leader_process_resigns_and_is_taken_over(
     backend: Target, tmp_path: Path, elections: Elections
 ) -> None:
-    cluster = elections.cluster(backend, tmp_path)
-    leader = await cluster.leader(backend.ttl + START)
-    elapsed, new = await cluster.failover(leader, signal.SIGTERM, backend.ttl + 10)
-    assert new != leader.id
+    leader, elapsed = await failover(backend, tmp_path, elections, signal.SIGTERM)
     assert elapsed < resign_bound(backend), (
         f"SIGTERM'd leader taken over after {elapsed:.2f}s (notifies={backend.cls.notifies})"
     )
@@ -290,8 +299,7 @@ def check_callback_order(events: list[Event], agent: str) -> None:
 async def test_callbacks_fire_in_order_and_only_on_transitions(
     backend: Target, elections: Elections
 ) -> None:
-    recorder = Recorder()
-    runners = await elections.start(backend, recorder=recorder)
+    runners, recorder = await elections.recorded(backend)
     leader = await settled_leader(runners, backend.ttl + START)
     # Several renewals of a healthy leader: not one callback, anywhere.
     quiet_from = len(recorder.events)
@@ -329,7 +337,7 @@ def test_unknown_option_fails_at_start_naming_it(backend: Target, tmp_path: Path
     path = tmp_path / "agent.toml"
     path.write_text(toml_dumps(raw))
     proc = subprocess.run(
-        [agent_python(), "-m", "agent", "run", "--config", str(path)],
+        [repo_python(), "-m", "agent", "run", "--config", str(path)],
         cwd=REPO,
         capture_output=True,
         text=True,

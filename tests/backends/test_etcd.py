@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +14,11 @@ import aetcd
 import pytest
 
 from agent.backends.etcd import EtcdBackend, EtcdOptions
-from agent.config import ConfigError, ElectionConfig, build_config
+from agent.config import ElectionConfig, build_config
 from agent.runner import ElectionRunner
 from tests.backends import setup_etcd
-from tests.helpers import eventually, free_port
+from tests.backends.scenarios import stop_all, successive_terms, the_leader
+from tests.helpers import eventually, free_port, refused_options
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -55,16 +55,6 @@ def make_runner(
     return ElectionRunner(config, agent_id, hold_off=kwargs.pop("hold_off", 1.0), **kwargs)
 
 
-def the_leader(runners: list[ElectionRunner]) -> ElectionRunner | None:
-    leading = [r for r in runners if r.is_leader()]
-    assert len(leading) <= 1, [r.agent_id for r in leading]
-    return leading[0] if leading else None
-
-
-async def stop_all(runners: list[ElectionRunner]) -> None:
-    await asyncio.gather(*(r.stop() for r in runners))
-
-
 async def test_one_leader_and_etcdctl_names_it(
     etcd_url: str, election: str, etcd: aetcd.Client
 ) -> None:
@@ -74,21 +64,9 @@ async def test_one_leader_and_etcdctl_names_it(
     try:
         leader = await eventually(lambda: the_leader(runners))
         await eventually(lambda: all(r.leader == leader.agent_id for r in runners))
-        etcdctl = shutil.which("etcdctl")
-        assert etcdctl, "etcdctl is not installed (Debian's etcd-client)"
-        proc = await asyncio.create_subprocess_exec(
-            etcdctl,
-            "--endpoints",
-            etcd_url,
-            "get",
-            key_of(election).decode(),
-            "--print-value-only",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        out = await setup_etcd.etcdctl(
+            etcd_url, "get", key_of(election).decode(), "--print-value-only"
         )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=10)
-        assert proc.returncode == 0, err.decode()
         assert json.loads(out)["agent"] == leader.agent_id
         # The token is the key's create revision, and stays the same while renewing.
         kv = await etcd.get(key_of(election))
@@ -96,7 +74,7 @@ async def test_one_leader_and_etcdctl_names_it(
         await asyncio.sleep(1.0)  # a few keep-alives (TTL/3)
         assert leader.is_leader() and leader.token == kv.create_revision
     finally:
-        await stop_all(runners)
+        await stop_all(*runners)
     assert await etcd.get(key_of(election)) is None, "stopping the leader resigns"
 
 
@@ -165,24 +143,20 @@ async def test_watch_shows_a_resign_to_a_follower_at_once(
         took = time.monotonic() - started
         assert took < 0.5, f"the follower took {took:.2f}s to see the resign"
     finally:
-        await stop_all([a, b])
+        await stop_all(a, b)
 
 
 async def test_token_grows_across_terms(etcd_url: str, election: str, etcd: aetcd.Client) -> None:
     runners = [make_runner(etcd_url, election, name) for name in ("a", "b")]
-    for r in runners:
-        await r.start()
-    tokens: list[int] = []
     try:
-        for _ in range(3):
-            leader = await eventually(lambda: the_leader(runners))
-            tokens.append(leader.token)
-            result = await leader.step_down(hold_off=1.0)
+        terms = await successive_terms(runners, 3, hold_off=1.0)
+        for token, result in terms:
             assert result.ok, result.detail
-            assert result.token is not None and result.token > tokens[-1]
+            assert result.token is not None and result.token > token
+        tokens = [token for token, _ in terms]
         assert tokens == sorted(set(tokens)), tokens
     finally:
-        await stop_all(runners)
+        await stop_all(*runners)
 
 
 async def test_cut_off_leader_fences_itself_before_another_wins(
@@ -208,7 +182,7 @@ async def test_cut_off_leader_fences_itself_before_another_wins(
         assert reasons == ["expired"]
         assert new.token > old.token
     finally:
-        await stop_all(runners)
+        await stop_all(*runners)
 
 
 async def test_a_revoked_leader_stops_claiming_at_once(
@@ -253,7 +227,7 @@ async def test_a_follower_waits_out_a_holder_that_did_not_resign(
         assert took > 2 * ttl / 3 - 0.1, f"led again {took:.2f}s after the revoke"
         assert not (a.is_leader() and b.is_leader())
     finally:
-        await stop_all([a, b])
+        await stop_all(a, b)
 
 
 async def test_an_agent_starting_beside_an_unresigned_record_waits_a_ttl(
@@ -341,11 +315,9 @@ def test_default_key() -> None:
     ],
 )
 def test_bad_options(tmp_path: Path, options: dict[str, Any], field: str, message: str) -> None:
-    raw = {"election": [{"name": "db", "backend": "etcd", "ttl": "2s", **options}]}
-    with pytest.raises(ConfigError) as info:
-        build_config(raw, tmp_path / "agent.toml")
-    assert info.value.field.startswith(f"election[0] (db).{field}"), info.value.field
-    assert message in info.value.message, info.value.message
+    error = refused_options(tmp_path, "etcd", "2s", options)
+    assert error.field.startswith(f"election[0] (db).{field}"), error.field
+    assert message in error.message, error.message
 
 
 def test_good_options(tmp_path: Path) -> None:

@@ -23,11 +23,13 @@ import nats.js.errors
 import pytest
 from nats.js.kv import KeyValue
 
-from agent.backends.base import Lease, Lost, Misconfigured, Seat, Unavailable
+from agent.backends.base import Lease, Seat
+from agent.backends.errors import Lost, Misconfigured, Unavailable
 from agent.backends.nats import NatsBackend, NatsOptions, election_key
 from agent.config import ConfigError, ElectionConfig, build_config
 from agent.runner import ElectionRunner, Transition
-from tests.helpers import eventually, free_port
+from tests.backends.scenarios import a_leads_b, stop_all, the_leader
+from tests.helpers import campaign_won, eventually, free_port, opened
 
 # -- fixtures and helpers ---------------------------------------------------------------------
 
@@ -56,6 +58,14 @@ def backend(url: str, bucket: str, agent: str, *, ttl: float = 2.0, **opts: Any)
     return NatsBackend(election="svc/nats", agent_id=agent, ttl=ttl, options=options)
 
 
+@pytest.fixture
+async def pair(nats_url: str, bucket: str) -> AsyncIterator[tuple[NatsBackend, NatsBackend]]:
+    """Agents a and b on the test's bucket, open."""
+    a, b = backend(nats_url, bucket, "a"), backend(nats_url, bucket, "b")
+    async with opened(a, b):
+        yield a, b
+
+
 class Recorder:
     """Keeps a runner's transitions with the monotonic time they happened."""
 
@@ -81,16 +91,6 @@ def runner(
     )
     recorder = Recorder()
     return ElectionRunner(config, agent, hold_off=1.0, on_transition=recorder), recorder
-
-
-async def stop_all(*runners: ElectionRunner) -> None:
-    await asyncio.gather(*(r.stop() for r in runners))
-
-
-def the_leader(runners: list[ElectionRunner]) -> ElectionRunner | None:
-    leading = [r for r in runners if r.is_leader()]
-    assert len(leading) <= 1, [r.agent_id for r in leading]
-    return leading[0] if leading else None
 
 
 async def watch_single_leader(runners: list[ElectionRunner], seen: list[str]) -> None:
@@ -164,6 +164,32 @@ async def proxy(nats_url: str) -> AsyncIterator[PausableProxy]:
     yield p
     p.resume()
     await p.close()
+
+
+async def leader_and_follower(
+    url: str, bucket: str, ttl: float
+) -> tuple[ElectionRunner, ElectionRunner]:
+    """Runners a, leading, and b, following it."""
+    a, _ = runner(url, bucket, "a", ttl=ttl)
+    b, _ = runner(url, bucket, "b", ttl=ttl)
+    await a_leads_b(a, b)
+    return a, b
+
+
+Pair = tuple[tuple[ElectionRunner, Recorder], tuple[ElectionRunner, Recorder]]
+
+
+@pytest.fixture
+async def behind_proxy(nats_url: str, bucket: str, proxy: PausableProxy) -> AsyncIterator[Pair]:
+    """Runner a, reaching NATS through the proxy, leads; runner b, connected directly, follows.
+    Both stop, with the link healed, when the test ends."""
+    url = await proxy.start()
+    a, rec_a = runner(url, bucket, "a", ttl=2.0)
+    b, rec_b = runner(nats_url, bucket, "b", ttl=2.0)
+    await a_leads_b(a, b)
+    yield (a, rec_a), (b, rec_b)
+    proxy.resume()
+    await stop_all(a, b)
 
 
 async def after_a_renewal(r: ElectionRunner, timeout: float = 5.0) -> None:
@@ -262,8 +288,7 @@ async def test_bucket_is_created_with_the_ttl_and_a_disagreeing_one_refuses_to_s
     nats_url: str, bucket: str, admin: nats.js.JetStreamContext
 ) -> None:
     first = backend(nats_url, bucket, "a", ttl=2.0)
-    await first.open()
-    try:
+    async with opened(first):
         status = await (await kv_of(admin, bucket)).status()
         assert status.ttl == pytest.approx(2.0)
         assert status.history == 1
@@ -284,8 +309,6 @@ async def test_bucket_is_created_with_the_ttl_and_a_disagreeing_one_refuses_to_s
         await asyncio.sleep(0.3)
         assert not r.is_leader() and rec.times("leader") == []
         await r.stop()
-    finally:
-        await first.close()
 
 
 async def test_agents_racing_to_create_the_bucket_agree_or_refuse(
@@ -322,51 +345,42 @@ async def test_an_unreachable_server_is_unavailable_not_a_hang() -> None:
 
 
 async def test_campaign_renew_resign_and_a_token_per_term(
-    nats_url: str, bucket: str, admin: nats.js.JetStreamContext
+    pair: tuple[NatsBackend, NatsBackend], bucket: str, admin: nats.js.JetStreamContext
 ) -> None:
-    a, b = backend(nats_url, bucket, "a"), backend(nats_url, bucket, "b")
-    await a.open()
-    await b.open()
-    try:
+    a, b = pair
+    before = time.monotonic()
+    lease = await campaign_won(a)
+    assert before + 2.0 <= lease.expires <= time.monotonic() + 2.0  # from the send time
+    term = lease.token
+    assert await b.campaign() is None
+    assert await b.observe() == Seat("a", term)
+
+    entry = await (await kv_of(admin, bucket)).get("svc.nats")
+    assert json.loads(entry.value)["agent"] == "a"  # `nats kv get` names the leader
+    for _ in range(3):
         before = time.monotonic()
-        lease = await a.campaign()
-        assert lease is not None
-        assert before + 2.0 <= lease.expires <= time.monotonic() + 2.0  # from the send time
-        term = lease.token
-        assert await b.campaign() is None
-        assert await b.observe() == Seat("a", term)
+        renewed = await a.renew(lease)
+        assert renewed.token == term  # one token per term, though the revision moves
+        assert renewed.expires >= before + 2.0
+        lease = renewed
+    assert await b.observe() == Seat("a", term)
+    assert (await (await kv_of(admin, bucket)).get("svc.nats")).revision > term
 
-        entry = await (await kv_of(admin, bucket)).get("svc.nats")
-        assert json.loads(entry.value)["agent"] == "a"  # `nats kv get` names the leader
-        for _ in range(3):
-            before = time.monotonic()
-            renewed = await a.renew(lease)
-            assert renewed.token == term  # one token per term, though the revision moves
-            assert renewed.expires >= before + 2.0
-            lease = renewed
-        assert await b.observe() == Seat("a", term)
-        assert (await (await kv_of(admin, bucket)).get("svc.nats")).revision > term
-
-        await a.resign(lease)
-        assert await b.observe() == Seat(None, None)
-        with pytest.raises(Lost):
-            await a.renew(lease)
-        lease_b = await b.campaign()
-        assert lease_b is not None and lease_b.token > term  # the fencing token grows
-        assert await a.observe() == Seat("b", lease_b.token)
-    finally:
-        await a.close()
-        await b.close()
+    await a.resign(lease)
+    assert await b.observe() == Seat(None, None)
+    with pytest.raises(Lost):
+        await a.renew(lease)
+    lease_b = await b.campaign()
+    assert lease_b is not None and lease_b.token > term  # the fencing token grows
+    assert await a.observe() == Seat("b", lease_b.token)
 
 
 async def test_a_cas_failure_is_lost_and_a_transport_error_is_unavailable(
     nats_url: str, bucket: str, admin: nats.js.JetStreamContext
 ) -> None:
     a = backend(nats_url, bucket, "a")
-    await a.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None
+    async with opened(a):
+        lease = await campaign_won(a)
         kv = await kv_of(admin, bucket)
         await kv.put("svc.nats", b"choria-host")  # someone else wrote the key
         assert await a.observe() == Seat("choria-host", (await kv.get("svc.nats")).revision)
@@ -383,61 +397,45 @@ async def test_a_cas_failure_is_lost_and_a_transport_error_is_unavailable(
         await a._nc.close()  # the connection is gone: leadership unknown, not lost
         with pytest.raises(Unavailable):  # after retrying for what is left of the lease
             await a.renew(Lease(lease.token, time.monotonic() + 0.5))
-    finally:
-        await a.close()
 
 
 async def test_a_key_deleted_under_its_leader_revokes_its_lease_and_is_claimed_after_it(
-    nats_url: str, bucket: str, admin: nats.js.JetStreamContext
+    pair: tuple[NatsBackend, NatsBackend], bucket: str, admin: nats.js.JetStreamContext
 ) -> None:
-    a, b = backend(nats_url, bucket, "a"), backend(nats_url, bucket, "b")
-    await a.open()
-    await b.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None
-        await (await kv_of(admin, bucket)).delete("svc.nats")  # `nats kv del`, behind a's back
-        await eventually(lambda: lease.revoked, timeout=1)  # a's own watch saw it
-        won = None
-        while won is None:
-            assert time.monotonic() < lease.expires + 1.0, "never claimed"
-            won = await b.campaign()
-            await asyncio.sleep(0.02)
-        assert time.monotonic() >= lease.expires  # not before a's lease could have run out
-        assert won.token > lease.token
-        # A resign's delete marker is told apart from that one: taken over at once.
-        await b.resign(won)
-        again = await a.campaign()
-        assert again is not None and again.token > won.token
-    finally:
-        await a.close()
-        await b.close()
+    a, b = pair
+    lease = await campaign_won(a)
+    await (await kv_of(admin, bucket)).delete("svc.nats")  # `nats kv del`, behind a's back
+    await eventually(lambda: lease.revoked, timeout=1)  # a's own watch saw it
+    won = None
+    while won is None:
+        assert time.monotonic() < lease.expires + 1.0, "never claimed"
+        won = await b.campaign()
+        await asyncio.sleep(0.02)
+    assert time.monotonic() >= lease.expires  # not before a's lease could have run out
+    assert won.token > lease.token
+    # A resign's delete marker is told apart from that one: taken over at once.
+    await b.resign(won)
+    again = await a.campaign()
+    assert again is not None and again.token > won.token
 
 
 async def test_a_write_whose_answer_was_lost_is_adopted_not_reported_lost(
-    nats_url: str, bucket: str, admin: nats.js.JetStreamContext
+    pair: tuple[NatsBackend, NatsBackend], bucket: str, admin: nats.js.JetStreamContext
 ) -> None:
-    a, b = backend(nats_url, bucket, "a"), backend(nats_url, bucket, "b")
-    await a.open()
-    await b.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None
-        kv = await kv_of(admin, bucket)
-        # A renewal that reached the server although its answer timed out.
-        await kv.update("svc.nats", a._value(lease.token), last=a._rev)
-        renewed = await a.renew(lease)
-        assert renewed.token == lease.token
-        # A create whose answer was lost: the next campaign takes the seat back, as a new term.
-        a._forget()
-        again = await a.campaign()
-        assert again is not None and again.token > lease.token
-        assert await b.observe() == Seat("a", again.token)
-        # Another agent's key is never adopted.
-        assert await b.campaign() is None
-    finally:
-        await a.close()
-        await b.close()
+    a, b = pair
+    lease = await campaign_won(a)
+    kv = await kv_of(admin, bucket)
+    # A renewal that reached the server although its answer timed out.
+    await kv.update("svc.nats", a._value(lease.token), last=a._rev)
+    renewed = await a.renew(lease)
+    assert renewed.token == lease.token
+    # A create whose answer was lost: the next campaign takes the seat back, as a new term.
+    a._forget()
+    again = await a.campaign()
+    assert again is not None and again.token > lease.token
+    assert await b.observe() == Seat("a", again.token)
+    # Another agent's key is never adopted.
+    assert await b.campaign() is None
 
 
 async def test_won_after_renew_reports_the_win_after_the_first_renewal(
@@ -445,9 +443,7 @@ async def test_won_after_renew_reports_the_win_after_the_first_renewal(
 ) -> None:
     a = backend(nats_url, bucket, "a", won_after_renew=True, renew_interval="300ms")
     b = backend(nats_url, bucket, "b")
-    await a.open()
-    await b.open()
-    try:
+    async with opened(a, b):
         started = time.monotonic()
         task = asyncio.create_task(a.campaign())
         await asyncio.sleep(0.1)
@@ -457,9 +453,6 @@ async def test_won_after_renew_reports_the_win_after_the_first_renewal(
         assert time.monotonic() - started >= 0.3  # ...the win is reported a renewal later
         assert isinstance(lease, Lease) and lease.token == seat.token
         assert lease.expires > started + 0.3 + 2.0
-    finally:
-        await a.close()
-        await b.close()
 
 
 # -- the runner on NATS -----------------------------------------------------------------------
@@ -468,12 +461,7 @@ async def test_won_after_renew_reports_the_win_after_the_first_renewal(
 async def test_resign_is_seen_by_a_watching_follower_at_once_with_a_3s_ttl(
     nats_url: str, bucket: str
 ) -> None:
-    a, _ = runner(nats_url, bucket, "a", ttl=3.0)
-    b, _ = runner(nats_url, bucket, "b", ttl=3.0)
-    await a.start()
-    await eventually(a.is_leader, timeout=5)
-    await b.start()
-    await eventually(lambda: b.leader == "a", timeout=5)
+    a, b = await leader_and_follower(nats_url, bucket, ttl=3.0)
     old = a.token
     try:
         started = time.monotonic()
@@ -489,12 +477,7 @@ async def test_resign_is_seen_by_a_watching_follower_at_once_with_a_3s_ttl(
 
 
 async def test_an_aged_out_key_is_found_by_polling_after_a_kill(nats_url: str, bucket: str) -> None:
-    a, _ = runner(nats_url, bucket, "a", ttl=2.0)
-    b, _ = runner(nats_url, bucket, "b", ttl=2.0)
-    await a.start()
-    await eventually(a.is_leader, timeout=5)
-    await b.start()
-    await eventually(lambda: b.leader == "a", timeout=5)
+    a, b = await leader_and_follower(nats_url, bucket, ttl=2.0)
     old = a.token
     try:
         killed = time.monotonic()
@@ -531,47 +514,31 @@ async def test_a_cas_failure_demotes_at_once_as_lost(
 
 
 async def test_a_blip_shorter_than_the_lease_does_not_demote(
-    nats_url: str, bucket: str, proxy: PausableProxy
+    behind_proxy: Pair, proxy: PausableProxy
 ) -> None:
-    url = await proxy.start()
-    a, rec_a = runner(url, bucket, "a", ttl=2.0)
-    b, rec_b = runner(nats_url, bucket, "b", ttl=2.0)
-    await a.start()
-    await eventually(a.is_leader, timeout=5)
-    await b.start()
-    await eventually(lambda: b.leader == "a", timeout=5)
+    (a, rec_a), (_, rec_b) = behind_proxy
     token = a.token
     lowest = 2.0
-    try:
-        await after_a_renewal(a)
-        proxy.pause()  # the renewal due in 0.67s times out (0.5s) and is retried
-        deadline = time.monotonic() + 1.3
-        while time.monotonic() < deadline:
-            assert a.is_leader()
-            lowest = min(lowest, a.ttl_left() or 0.0)
-            await asyncio.sleep(0.005)
-        proxy.resume()
-        await after_a_renewal(a)  # renewing again through the healed link
-        assert lowest < 0.8, "the blip should have held renewals up"
-        assert a.is_leader() and a.token == token
-        assert rec_a.reasons() == [] and rec_b.times("leader") == []
-        await asyncio.sleep(1.0)
-        assert a.is_leader() and a.token == token
-    finally:
-        proxy.resume()
-        await stop_all(a, b)
+    await after_a_renewal(a)
+    proxy.pause()  # the renewal due in 0.67s times out (0.5s) and is retried
+    deadline = time.monotonic() + 1.3
+    while time.monotonic() < deadline:
+        assert a.is_leader()
+        lowest = min(lowest, a.ttl_left() or 0.0)
+        await asyncio.sleep(0.005)
+    proxy.resume()
+    await after_a_renewal(a)  # renewing again through the healed link
+    assert lowest < 0.8, "the blip should have held renewals up"
+    assert a.is_leader() and a.token == token
+    assert rec_a.reasons() == [] and rec_b.times("leader") == []
+    await asyncio.sleep(1.0)
+    assert a.is_leader() and a.token == token
 
 
 async def test_an_outage_longer_than_the_lease_demotes_before_the_key_ages_out(
-    nats_url: str, bucket: str, proxy: PausableProxy
+    behind_proxy: Pair, proxy: PausableProxy
 ) -> None:
-    url = await proxy.start()
-    a, rec_a = runner(url, bucket, "a", ttl=2.0)
-    b, rec_b = runner(nats_url, bucket, "b", ttl=2.0)
-    await a.start()
-    await eventually(a.is_leader, timeout=5)
-    await b.start()
-    await eventually(lambda: b.leader == "a", timeout=5)
+    (a, rec_a), (b, rec_b) = behind_proxy
     seen: list[str] = []
     guard = asyncio.create_task(watch_single_leader([a, b], seen))
     try:
@@ -593,5 +560,3 @@ async def test_an_outage_longer_than_the_lease_demotes_before_the_key_ages_out(
         guard.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await guard
-        proxy.resume()
-        await stop_all(a, b)

@@ -15,13 +15,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.backends.base import Lost
+from agent.backends.errors import Lost
 from agent.backends.postgres import PostgresBackend, PostgresOptions, default_channel
 from agent.config import ConfigError, ElectionConfig, build_config
 from agent.runner import ElectionRunner
+from tests.backends.scenarios import handover, stop_all, successive_terms
 from tests.backends.setup_postgres import lock_id_for
 from tests.backends.test_redis import TcpProxy
-from tests.helpers import eventually
+from tests.helpers import campaign_won, eventually
 
 CHECK = 0.2
 TTL = 1.0
@@ -67,10 +68,6 @@ def runner(
     return ElectionRunner(config, agent, hold_off=hold_off, flap_limit=0, **kw)
 
 
-async def stop(*runners: ElectionRunner, resign: bool = True) -> None:
-    await asyncio.gather(*(r.stop(resign=resign) for r in runners))
-
-
 @pytest.mark.parametrize("high", [5, -3], ids=["bigint", "negative"])
 async def test_holder_check_matches_the_whole_bigint_key_and_our_session(
     pg_dsn: str, election: str, admin: psycopg.AsyncConnection[Any], high: int
@@ -84,8 +81,7 @@ async def test_holder_check_matches_the_whole_bigint_key_and_our_session(
     await a.open()
     await observer.open()
     try:
-        lease = await a.campaign()
-        assert lease is not None
+        lease = await campaign_won(a)
         await admin.execute("SELECT pg_advisory_lock(%s::int8)", [twin])
         lease = await a.renew(lease)  # the twin held elsewhere changes nothing
         # Our session drops its key; another session (and then ours too) holds the twin.
@@ -132,7 +128,7 @@ async def test_terminated_session_is_lost_at_once(
         # Its own previous term: it may take the seat straight back, with a new token.
         await eventually(a.is_leader, timeout=3)
     finally:
-        await stop(a)
+        await stop_all(a)
 
 
 async def test_a_leader_that_did_not_resign_is_waited_out_before_another_leads(
@@ -165,7 +161,7 @@ async def test_a_leader_that_did_not_resign_is_waited_out_before_another_leads(
         assert (await watcher.observe()).leader == "b"
     finally:
         await watcher.close()
-        await stop(a, b)
+        await stop_all(a, b)
 
 
 async def test_resign_is_seen_by_a_listening_follower_well_under_a_second(
@@ -175,37 +171,21 @@ async def test_resign_is_seen_by_a_listening_follower_well_under_a_second(
     slow = {"check_interval": 2.0}
     a = runner(pg_dsn, election, "a", ttl=5.0, **slow)
     b = runner(pg_dsn, election, "b", ttl=5.0, **slow)
-    await a.start()
-    try:
-        await eventually(a.is_leader, timeout=5)
-        await b.start()
-        await eventually(lambda: b.leader == "a", timeout=5)
-        await asyncio.sleep(0.2)  # b is waiting on LISTEN now
-        started = time.monotonic()
-        step_down = asyncio.create_task(a.step_down(hold_off=3))
-        await eventually(b.is_leader, timeout=5, interval=0.005)
-        elapsed = time.monotonic() - started
-        assert (await step_down).ok
-        assert elapsed < 0.3, f"follower took over {elapsed:.3f}s after the resign"
-    finally:
-        await stop(a, b)
+    elapsed, result = await handover(a, b, hold_off=3)  # b waits on LISTEN
+    assert result.ok
+    assert elapsed < 0.3, f"follower took over {elapsed:.3f}s after the resign"
 
 
 async def test_fencing_tokens_increase_with_every_leader(pg_dsn: str, election: str) -> None:
     runners = [runner(pg_dsn, election, f"n{i}") for i in range(3)]
-    for r in runners:
-        await r.start()
-    tokens: list[int] = []
     try:
-        for _ in range(4):
-            [leader] = await eventually(lambda: [r for r in runners if r.is_leader()] or None)
-            assert leader.token is not None
-            tokens.append(leader.token)
-            assert (await leader.step_down(hold_off=1.5)).ok
+        terms = await successive_terms(runners, 4, hold_off=1.5)
+        assert all(result.ok for _, result in terms)
+        tokens = [token for token, _ in terms]
         assert tokens == sorted(set(tokens)) and len(tokens) == 4, tokens
         assert tokens[-1] - tokens[0] == 3
     finally:
-        await stop(*runners)
+        await stop_all(*runners)
 
 
 async def test_relinquish_hands_over_and_the_old_leader_does_not_win_straight_back(
@@ -228,7 +208,7 @@ async def test_relinquish_hands_over_and_the_old_leader_does_not_win_straight_ba
         await b.start()
         await eventually(lambda: len(wins) >= 4, timeout=10)
     finally:
-        await stop(a, b)
+        await stop_all(a, b)
     agents = [agent for agent, _ in wins]
     assert agents[:4] == ["a", "b", "a", "b"], wins
     tokens = [token for _, token in wins]

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from agent.backends.base import Lost
+from agent.backends.errors import Lost
 from agent.backends.redis import RedisBackend, RedisOptions
 from agent.config import ConfigError, ElectionConfig, build_config
 from agent.runner import SAFETY_MARGIN, ElectionRunner
-from tests.helpers import eventually
+from tests.backends.scenarios import handover, stop_all, successive_terms
+from tests.helpers import campaign_won, eventually, opened
 
 
 class TcpProxy:
@@ -107,6 +108,14 @@ def backend(url: str, election: str, agent: str, ttl: float = 1.0, **opts: Any) 
     return RedisBackend(election=election, agent_id=agent, ttl=ttl, options=options)
 
 
+@pytest.fixture
+async def pair(redis_url: str, election: str) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Agents a and b on the test's election, open."""
+    a, b = backend(redis_url, election, "a"), backend(redis_url, election, "b")
+    async with opened(a, b):
+        yield a, b
+
+
 def runner(url: str, election: str, agent: str, ttl: float = 1.0, **kw: Any) -> ElectionRunner:
     options = RedisOptions.model_validate({"url": url})
     config = ElectionConfig(
@@ -116,38 +125,30 @@ def runner(url: str, election: str, agent: str, ttl: float = 1.0, **kw: Any) -> 
 
 
 async def test_campaign_writes_a_readable_seat_and_an_atomic_token(
-    redis_url: str, election: str, direct: Redis
+    pair: tuple[RedisBackend, RedisBackend], direct: Redis
 ) -> None:
-    a, b = backend(redis_url, election, "a"), backend(redis_url, election, "b")
-    await a.open()
-    await b.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None and lease.token == 1
-        assert await b.campaign() is None
-        # A lost campaign spends no token.
-        assert await direct.get(f"{a.key}:token") == "1"
-        seat = json.loads(await direct.get(a.key))
-        assert seat["agent"] == "a" and seat["token"] == 1 and seat["nonce"]
-        ttl_ms = await direct.pttl(a.key)
-        assert 0 < ttl_ms <= 1000
-        # The lease ends no later than the key: from the send time, with the same TTL.
-        assert lease.expires <= time.monotonic() + ttl_ms / 1000 + 0.05
-        assert (await b.observe()).leader == "a"
-        assert (await b.observe()).token == 1
-    finally:
-        await a.close()
-        await b.close()
+    a, b = pair
+    lease = await a.campaign()
+    assert lease is not None and lease.token == 1
+    assert await b.campaign() is None
+    # A lost campaign spends no token.
+    assert await direct.get(f"{a.key}:token") == "1"
+    seat = json.loads(await direct.get(a.key))
+    assert seat["agent"] == "a" and seat["token"] == 1 and seat["nonce"]
+    ttl_ms = await direct.pttl(a.key)
+    assert 0 < ttl_ms <= 1000
+    # The lease ends no later than the key: from the send time, with the same TTL.
+    assert lease.expires <= time.monotonic() + ttl_ms / 1000 + 0.05
+    assert (await b.observe()).leader == "a"
+    assert (await b.observe()).token == 1
 
 
 async def test_renew_is_compare_and_set_and_fails_when_taken_over(
     redis_url: str, election: str, direct: Redis
 ) -> None:
     a = backend(redis_url, election, "a")
-    await a.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None
+    async with opened(a):
+        lease = await campaign_won(a)
         renewed = await a.renew(lease)
         assert renewed.expires > lease.expires
         # The key expired and someone else took it over in between.
@@ -160,24 +161,18 @@ async def test_renew_is_compare_and_set_and_fails_when_taken_over(
         assert json.loads(await direct.get(a.key))["agent"] == "b"
         # Expired: the record beside the seat expires with it.
         await direct.delete(a.key, a.record_key)
-        second = await a.campaign()
-        assert second is not None
+        second = await campaign_won(a)
         await direct.delete(a.key, a.record_key)  # expired
         with pytest.raises(Lost, match="expired"):
             await a.renew(second)
-    finally:
-        await a.close()
 
 
 async def test_a_restarted_agent_with_the_same_id_does_not_adopt_the_old_seat(
     redis_url: str, election: str, direct: Redis
 ) -> None:
     old, new = backend(redis_url, election, "a"), backend(redis_url, election, "a")
-    await old.open()
-    await new.open()
-    try:
-        lease = await old.campaign()
-        assert lease is not None
+    async with opened(old, new):
+        lease = await campaign_won(old)
         assert await new.campaign() is None
         with pytest.raises(Lost):
             await new.renew(lease)
@@ -189,39 +184,29 @@ async def test_a_restarted_agent_with_the_same_id_does_not_adopt_the_old_seat(
         with pytest.raises(Lost):
             await old.renew(lease)
         await new.renew(won)
-    finally:
-        await old.close()
-        await new.close()
 
 
 async def test_a_seat_deleted_under_its_leader_is_claimed_only_after_that_leaders_lease(
-    redis_url: str, election: str, direct: Redis
+    pair: tuple[RedisBackend, RedisBackend], direct: Redis
 ) -> None:
-    a, b = backend(redis_url, election, "a"), backend(redis_url, election, "b")
-    await a.open()
-    await b.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None
-        lease = await a.renew(lease)
-        await direct.delete(a.key)  # behind a's back: a claims the seat until its lease ends
-        assert await b.campaign() is None
-        won = None
-        while won is None:
-            assert time.monotonic() < lease.expires + 1.0, "never claimed"
-            await asyncio.sleep(0.01)
-            won = await b.campaign()
-        assert time.monotonic() >= lease.expires
-        assert won.token > lease.token
-        with pytest.raises(Lost):
-            await a.renew(lease)
-        # A resign clears the record with the seat: the next winner need not wait.
-        await b.resign(won)
-        assert await direct.exists(b.key, b.record_key) == 0
-        assert await a.campaign() is not None
-    finally:
-        await a.close()
-        await b.close()
+    a, b = pair
+    lease = await campaign_won(a)
+    lease = await a.renew(lease)
+    await direct.delete(a.key)  # behind a's back: a claims the seat until its lease ends
+    assert await b.campaign() is None
+    won = None
+    while won is None:
+        assert time.monotonic() < lease.expires + 1.0, "never claimed"
+        await asyncio.sleep(0.01)
+        won = await b.campaign()
+    assert time.monotonic() >= lease.expires
+    assert won.token > lease.token
+    with pytest.raises(Lost):
+        await a.renew(lease)
+    # A resign clears the record with the seat: the next winner need not wait.
+    await b.resign(won)
+    assert await direct.exists(b.key, b.record_key) == 0
+    assert await a.campaign() is not None
 
 
 async def test_resign_is_seen_at_once_by_a_subscribed_follower(
@@ -229,37 +214,19 @@ async def test_resign_is_seen_at_once_by_a_subscribed_follower(
 ) -> None:
     # TTL 6 s: a follower that only polled (every 2 s) could not win within 0.5 s.
     a, b = runner(redis_url, election, "a", ttl=6.0), runner(redis_url, election, "b", ttl=6.0)
-    await a.start()
-    try:
-        await eventually(a.is_leader, timeout=5)
-        await b.start()
-        await eventually(lambda: b.leader == "a", timeout=5)
-        await asyncio.sleep(0.2)  # b is waiting on its subscription now
-        started = time.monotonic()
-        result = asyncio.create_task(a.step_down(hold_off=3))
-        await eventually(b.is_leader, timeout=5, interval=0.005)
-        elapsed = time.monotonic() - started
-        assert (await result).ok
-        assert elapsed < 0.5, f"follower took over {elapsed:.3f}s after the resign"
-    finally:
-        await asyncio.gather(a.stop(), b.stop())
+    elapsed, result = await handover(a, b, hold_off=3)  # b waits on its subscription
+    assert result.ok
+    assert elapsed < 0.5, f"follower took over {elapsed:.3f}s after the resign"
 
 
 async def test_fencing_token_increments_on_every_win(redis_url: str, election: str) -> None:
     runners = [runner(redis_url, election, f"n{i}") for i in range(3)]
-    for r in runners:
-        await r.start()
-    tokens: list[int] = []
     try:
-        for _ in range(4):
-            [leader] = await eventually(lambda: [r for r in runners if r.is_leader()] or None)
-            assert leader.token is not None
-            tokens.append(leader.token)
-            await leader.step_down(hold_off=2)
+        tokens = [token for token, _ in await successive_terms(runners, 4, hold_off=2)]
         assert tokens == sorted(set(tokens)) and len(tokens) == 4, tokens
         assert tokens[-1] - tokens[0] == 3  # one INCR per win, none for lost campaigns
     finally:
-        await asyncio.gather(*(r.stop() for r in runners))
+        await stop_all(*runners)
 
 
 async def test_leader_demotes_before_its_key_can_expire_when_redis_is_unreachable(

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,14 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from agent.backends.base import Lost, Seat
+from agent.backends.base import Seat
+from agent.backends.errors import Lost
 from agent.backends.s3 import CLIENTS, S3Backend, S3Options, classify, refusal
-from agent.config import ConfigError, ElectionConfig, build_config
+from agent.config import ElectionConfig
 from agent.runner import ElectionRunner
 from tests.backends import setup_s3
-from tests.helpers import eventually
+from tests.backends.scenarios import stop_all, successive_terms, the_leader
+from tests.helpers import campaign_won, eventually, opened, refused_options
 
 #: ttl 1 s: leader_timeout 1 s, frequent 250 ms, infrequent 500 ms.
 TTL = 1.0
@@ -43,6 +45,12 @@ def election_name(prefix: str = "svc") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def election() -> str:
+    """An election name of the test's own."""
+    return election_name()
+
+
 def make_runner(
     s3_url: str, bucket: str, election: str, agent_id: str, *, ttl: float = TTL, **kwargs: Any
 ) -> ElectionRunner:
@@ -56,16 +64,6 @@ def make_runner(
 def seat(s3: Any, bucket: str, election: str) -> tuple[str, dict[str, Any]]:
     response = s3.get_object(Bucket=bucket, Key=f"electorate/{election}.json")
     return response["ETag"], json.loads(response["Body"].read())
-
-
-def the_leader(runners: list[ElectionRunner]) -> ElectionRunner | None:
-    leading = [r for r in runners if r.is_leader()]
-    assert len(leading) <= 1, [r.agent_id for r in leading]
-    return leading[0] if leading else None
-
-
-async def stop_all(runners: list[ElectionRunner], resign: bool = True) -> None:
-    await asyncio.gather(*(r.stop(resign=resign) for r in runners))
 
 
 class Log:
@@ -84,10 +82,25 @@ class Log:
         return [(at, x) for at, a, k, x in self.events if a == agent and k == kind]
 
 
+Alone = tuple[ElectionRunner, Log, str]
+
+
+@pytest.fixture
+async def alone(s3_url: str, bucket: str, election: str) -> AsyncIterator[Alone]:
+    """Agent a, alone in an election of its own, leading; what it logged; the election."""
+    log = Log()
+    runner = make_runner(s3_url, bucket, election, "a", **log.hooks("a"))
+    await runner.start()
+    try:
+        await eventually(runner.is_leader)
+        yield runner, log, election
+    finally:
+        await runner.stop()
+
+
 async def test_one_leader_creates_the_bucket_and_writes_a_readable_seat(
-    s3_url: str, bucket: str, s3: Any
+    s3_url: str, bucket: str, election: str, s3: Any
 ) -> None:
-    election = election_name()
     runners = [make_runner(s3_url, bucket, election, f"agent-{i}") for i in range(3)]
     for r in runners:
         await r.start()
@@ -103,15 +116,14 @@ async def test_one_leader_creates_the_bucket_and_writes_a_readable_seat(
         etag2, body2 = seat(s3, bucket, election)
         assert etag2 != etag and body2["term"] == leader.token and leader.is_leader()
     finally:
-        await stop_all(runners)
+        await stop_all(*runners)
     _, body = seat(s3, bucket, election)
     assert body["holder"] is None, "stopping the leader vacates the seat"
 
 
 async def test_cut_off_leader_demotes_before_leader_timeout_and_is_replaced_only_after(
-    s3_url: str, bucket: str
+    s3_url: str, bucket: str, election: str
 ) -> None:
-    election = election_name()
     log = Log()
     a = make_runner(s3_url, bucket, election, "a", **log.hooks("a"))
     b = make_runner(s3_url, bucket, election, "b", **log.hooks("b"))
@@ -139,69 +151,51 @@ async def test_cut_off_leader_demotes_before_leader_timeout_and_is_replaced_only
         assert won_at - cutting > timeout - a.backend.renew_interval - 0.05
         assert token == a.token + 1
     finally:
-        await stop_all([b])
-        await stop_all([a], resign=False)
+        await stop_all(b)
+        await stop_all(a, resign=False)
 
 
 async def test_someone_else_rewriting_the_seat_is_a_lost_412(
-    s3_url: str, bucket: str, s3: Any
+    alone: Alone, bucket: str, s3: Any
 ) -> None:
-    election = election_name()
-    log = Log()
-    runner = make_runner(s3_url, bucket, election, "a", **log.hooks("a"))
-    await runner.start()
-    try:
-        await eventually(runner.is_leader)
-        etag, body = seat(s3, bucket, election)
-        intruder = {**body, "holder": "intruder", "term": body["term"] + 1, "nonce": "x"}
-        written = time.monotonic()
-        s3.put_object(
-            Bucket=bucket,
-            Key=f"electorate/{election}.json",
-            Body=json.dumps(intruder).encode(),
-            IfMatch=etag,
-        )
-        await eventually(lambda: log.of("a", "lost"), timeout=2)
-        [(lost_at, why)] = log.of("a", "lost")
-        assert why == "lost"
-        assert lost_at - written < runner.backend.renew_interval + 0.3
-        await eventually(lambda: runner.leader == "intruder", timeout=1)
-        # The intruder never renews: a takes the seat back once it went stale, in a new term.
-        await eventually(runner.is_leader, timeout=3)
-        assert runner.token == body["term"] + 2
-    finally:
-        await runner.stop()
+    runner, log, election = alone
+    etag, body = seat(s3, bucket, election)
+    intruder = {**body, "holder": "intruder", "term": body["term"] + 1, "nonce": "x"}
+    written = time.monotonic()
+    s3.put_object(
+        Bucket=bucket,
+        Key=f"electorate/{election}.json",
+        Body=json.dumps(intruder).encode(),
+        IfMatch=etag,
+    )
+    await eventually(lambda: log.of("a", "lost"), timeout=2)
+    [(lost_at, why)] = log.of("a", "lost")
+    assert why == "lost"
+    assert lost_at - written < runner.backend.renew_interval + 0.3
+    await eventually(lambda: runner.leader == "intruder", timeout=1)
+    # The intruder never renews: a takes the seat back once it went stale, in a new term.
+    await eventually(runner.is_leader, timeout=3)
+    assert runner.token == body["term"] + 2
 
 
 async def test_a_deleted_seat_is_lost_and_the_term_still_grows(
-    s3_url: str, bucket: str, s3: Any
+    alone: Alone, bucket: str, s3: Any
 ) -> None:
-    election = election_name()
-    log = Log()
-    runner = make_runner(s3_url, bucket, election, "a", **log.hooks("a"))
-    await runner.start()
-    try:
-        await eventually(runner.is_leader)
-        first = runner.token
-        s3.delete_object(Bucket=bucket, Key=f"electorate/{election}.json")
-        await eventually(lambda: log.of("a", "lost"), timeout=2)  # 404 on If-Match
-        assert log.of("a", "lost")[0][1] == "lost"
-        await eventually(lambda: runner.is_leader() and runner.token > first, timeout=3)
-    finally:
-        await runner.stop()
+    runner, log, election = alone
+    first = runner.token
+    s3.delete_object(Bucket=bucket, Key=f"electorate/{election}.json")
+    await eventually(lambda: log.of("a", "lost"), timeout=2)  # 404 on If-Match
+    assert log.of("a", "lost")[0][1] == "lost"
+    await eventually(lambda: runner.is_leader() and runner.token > first, timeout=3)
 
 
 async def test_a_seat_deleted_under_its_leader_is_taken_only_after_that_leaders_lease(
-    s3_url: str, bucket: str, s3: Any
+    s3_url: str, bucket: str, election: str, s3: Any
 ) -> None:
-    election = election_name()
     options = S3Options(endpoint=s3_url, bucket=bucket)
     a, b = (S3Backend(election=election, agent_id=n, ttl=TTL, options=options) for n in "ab")
-    await a.open()
-    await b.open()
-    try:
-        lease = await a.campaign()
-        assert lease is not None
+    async with opened(a, b):
+        lease = await campaign_won(a)
         assert await b.campaign() is None  # b has seen a's seat
         s3.delete_object(Bucket=bucket, Key=f"electorate/{election}.json")  # behind a's back
         won = None
@@ -213,19 +207,15 @@ async def test_a_seat_deleted_under_its_leader_is_taken_only_after_that_leaders_
         assert won.token > lease.token
         with pytest.raises(Lost):
             await a.renew(lease)
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.parametrize("writer_clock", ["expired long ago", "valid for an hour"])
 async def test_restarted_agent_takes_its_old_seat_only_with_a_fresh_write(
-    s3_url: str, bucket: str, s3: Any, writer_clock: str
+    s3_url: str, bucket: str, election: str, s3: Any, writer_clock: str
 ) -> None:
     """s3lect skipped OnAcquire when it found its own id in the object after a restart. Ours
     treats that seat as anyone's: stale only after leader_timeout on the reader's own clock
     (whatever the writer's clock wrote), then taken in a new term with a conditional write."""
-    election = election_name()
     s3.create_bucket(Bucket=bucket)
     delta = timedelta(hours=-1 if writer_clock == "expired long ago" else 1)
     old = {
@@ -256,22 +246,17 @@ async def test_restarted_agent_takes_its_old_seat_only_with_a_fresh_write(
 
 
 async def test_resign_vacates_the_seat_and_keeps_the_term(
-    s3_url: str, bucket: str, s3: Any
+    s3_url: str, bucket: str, election: str, s3: Any
 ) -> None:
-    election = election_name()
     runners = [make_runner(s3_url, bucket, election, name) for name in ("a", "b")]
-    for r in runners:
-        await r.start()
     try:
-        tokens = []
-        for _ in range(3):
-            leader = await eventually(lambda: the_leader(runners))
-            tokens.append(leader.token)
-            result = await leader.step_down(hold_off=2.0)
+        terms = await successive_terms(runners, 3, hold_off=2.0)
+        for _, result in terms:
             assert result.ok, result.detail
+        tokens = [token for token, _ in terms]
         assert tokens == sorted(set(tokens)) and tokens[1] == tokens[0] + 1, tokens
     finally:
-        await stop_all(runners)
+        await stop_all(*runners)
     _, body = seat(s3, bucket, election)
     assert body["holder"] is None and body["term"] == tokens[-1] + 1
 
@@ -297,17 +282,17 @@ async def test_cluster_and_shard_elections_side_by_side_in_one_bucket(
         assert shard_leader.is_leader() and shard_leader.token == shard_token
         assert seat(s3, bucket, shard)[1]["holder"] == shard_leader.agent_id
     finally:
-        await stop_all([r for g in runners.values() for r in g])
+        await stop_all(*(r for g in runners.values() for r in g))
 
 
-async def test_retry_interval_follows_what_was_last_seen(s3_url: str, bucket: str, s3: Any) -> None:
-    election = election_name()
+async def test_retry_interval_follows_what_was_last_seen(
+    s3_url: str, bucket: str, election: str, s3: Any
+) -> None:
     options = S3Options(endpoint=s3_url, bucket=bucket, leader_timeout=1.0)
     backend = S3Backend(election=election, agent_id="me", ttl=3.0, options=options)
     frequent, infrequent = backend.timing.frequent, backend.timing.infrequent
     assert (frequent, infrequent) == (0.25, 0.5)
-    await backend.open()
-    try:
+    async with opened(backend):
         assert await backend.observe() == Seat()
         assert backend.retry_interval == frequent  # no seat at all
         key = f"electorate/{election}.json"
@@ -320,8 +305,6 @@ async def test_retry_interval_follows_what_was_last_seen(s3_url: str, bucket: st
         seen = await backend.observe()
         assert seen.leader is None and seen.token == 3  # stale: up for grabs
         assert backend.retry_interval == frequent
-    finally:
-        await backend.close()
 
 
 async def test_elections_of_one_process_share_one_client(s3_url: str, bucket: str) -> None:
@@ -394,8 +377,6 @@ def test_defaults() -> None:
     ],
 )
 def test_bad_options(tmp_path: Path, options: dict[str, Any], field: str, message: str) -> None:
-    raw = {"election": [{"name": "db", "backend": "s3", "ttl": "10s", **options}]}
-    with pytest.raises(ConfigError) as info:
-        build_config(raw, tmp_path / "agent.toml")
-    assert info.value.field.startswith(f"election[0] (db).{field}"), info.value.field
-    assert message in info.value.message, info.value.message
+    error = refused_options(tmp_path, "s3", "10s", options)
+    assert error.field.startswith(f"election[0] (db).{field}"), error.field
+    assert message in error.message, error.message

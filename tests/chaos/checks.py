@@ -11,12 +11,15 @@ from them name the same leaders with the same tokens, ending with the leader of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
 
-from tests.backends.conformance import AgentProcess, HealthSampler
-from tests.live import LiveDashboard, stored_history
+from tests.backends.conformance import AgentProcess, Cluster, HealthSampler, Target
+from tests.live import LiveDashboard, link_agents, stored_history
 
 #: Waits for agents to start and settle: bounds, not measurements.
 START = 15.0
@@ -26,6 +29,49 @@ def cluster_ids(name: str) -> list[str]:
     """Agent ids of their own, so that clusters sharing a dashboard stay apart."""
     tag = uuid.uuid4().hex[:6]
     return [f"chaos-{name}-{tag}-{i}" for i in range(3)]
+
+
+@contextlib.asynccontextmanager
+async def reporting_cluster(
+    t: Target,
+    dashboard: LiveDashboard,
+    name: str,
+    tokens: Path,
+    workdir: Path,
+    start: float,
+    *,
+    clean_up: bool = False,
+) -> AsyncIterator[Cluster]:
+    """Three agents on ``t`` (in ``workdir``, their tokens in ``tokens``) that report to
+    ``dashboard``, started, one of them leading within ``start`` seconds; closed at the end
+    (and with ``clean_up``, their election's state removed from ``t``)."""
+    ids = cluster_ids(name)
+    configure = await asyncio.to_thread(link_agents, dashboard, tokens, ids)
+    cluster = Cluster(t, workdir, configure=configure, ids=ids)
+    cluster.start()
+    try:
+        await cluster.leader(start)
+        yield cluster
+    finally:
+        await cluster.close()
+        if clean_up:
+            await t.cleanup(cluster.election)
+
+
+@contextlib.asynccontextmanager
+async def sampled(cluster: Cluster) -> AsyncIterator[HealthSampler]:
+    """The cluster's health endpoints sampled, with tokens, from its current leader on."""
+    async with HealthSampler(cluster.agents, tokens=True) as sampler:
+        await watching(sampler)
+        yield sampler
+
+
+async def assert_safe_and_reported(
+    sampler: HealthSampler, cluster: Cluster, dashboard: LiveDashboard, *, min_terms: int
+) -> None:
+    """``assert_safe``, then ``assert_every_transition_once``."""
+    assert_safe(sampler, cluster.logs(), min_terms=min_terms)
+    await assert_every_transition_once(dashboard, cluster.agents, sampler)
 
 
 def assert_safe(sampler: HealthSampler, logs: str, *, min_terms: int) -> None:

@@ -31,15 +31,16 @@ from tests.backends.conformance import (
 )
 from tests.chaos.checks import (
     START,
-    assert_every_transition_once,
     assert_safe,
-    cluster_ids,
+    assert_safe_and_reported,
+    reporting_cluster,
+    sampled,
     watching,
 )
 from tests.chaos.netns import Network
 from tests.helpers import free_port
-from tests.live import LiveDashboard, link_agents
-from tests.servers import PrivateNats, start_nats
+from tests.live import LiveDashboard
+from tests.servers import PrivateNats, private
 
 pytestmark = [pytest.mark.chaos, pytest.mark.live]
 
@@ -78,15 +79,11 @@ async def test_killed_and_removed_leaders_never_overlap(
     backend: Target, embedded_dashboard: LiveDashboard, tmp_path: Path
 ) -> None:
     t = backend
-    ids = cluster_ids(t.name)
-    configure = await asyncio.to_thread(link_agents, embedded_dashboard, tmp_path, ids)
-    cluster = Cluster(t, tmp_path, configure=configure, ids=ids)
-    cluster.start()
-    try:
-        await cluster.leader(t.ttl + START)
+    async with reporting_cluster(
+        t, embedded_dashboard, t.name, tmp_path, tmp_path, t.ttl + START
+    ) as cluster:
         terms = 1
-        async with HealthSampler(cluster.agents, tokens=True) as sampler:
-            await watching(sampler)
+        async with sampled(cluster) as sampler:
             for _ in range(2):
                 leader = await cluster.leader(t.ttl + START)
                 elapsed, new = await cluster.failover(leader, signal.SIGKILL, t.ttl + 10)
@@ -104,20 +101,14 @@ async def test_killed_and_removed_leaders_never_overlap(
                 terms += 1
             await cluster.leader(t.ttl + START)
             await asyncio.sleep(0.3)
-        assert_safe(sampler, cluster.logs(), min_terms=terms)
-        await assert_every_transition_once(embedded_dashboard, cluster.agents, sampler)
-    finally:
-        await cluster.close()
+        await assert_safe_and_reported(sampler, cluster, embedded_dashboard, min_terms=terms)
 
 
 @pytest.fixture
 def private_nats() -> Iterator[PrivateNats]:
-    server = start_nats()
-    try:
+    with private(PrivateNats) as server:
         yield server
-    finally:
-        server.remove()
-        setup_nats.forget_server(server.url)
+    setup_nats.forget_server(server.url)
 
 
 async def test_nats_server_killed_and_restarted(private_nats: PrivateNats, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ the agents' spools keep what was not acked, and the dashboard must not store a r
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -15,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends.conformance import Cluster, HealthSampler, target
+from tests.backends.conformance import Cluster, target
 from tests.chaos.checks import (
     START,
-    assert_every_transition_once,
-    assert_safe,
-    cluster_ids,
+    assert_safe_and_reported,
     drained,
-    watching,
+    reporting_cluster,
+    sampled,
 )
-from tests.live import LiveDashboard, link_agents, start_dashboard
-from tests.servers import PrivatePostgres, PrivateRedis, start_postgres, start_redis
+from tests.live import LiveDashboard, start_dashboard
+from tests.servers import PrivatePostgres, PrivateRedis, private
 
 pytestmark = [pytest.mark.chaos, pytest.mark.live]
 
@@ -70,14 +68,10 @@ async def test_dashboard_killed_and_restarted_with_leader_changes_between(
 ) -> None:
     dashboard = own_dashboard
     t = target("redis", redis_url)
-    ids = cluster_ids("dash")
-    configure = await asyncio.to_thread(link_agents, dashboard, tmp_path, ids)
-    cluster = Cluster(t, tmp_path / "agents", configure=configure, ids=ids)
-    cluster.start()
-    try:
-        await cluster.leader(START)
-        async with HealthSampler(cluster.agents, tokens=True) as sampler:
-            await watching(sampler)
+    async with reporting_cluster(
+        t, dashboard, "dash", tmp_path, tmp_path / "agents", START
+    ) as cluster:
+        async with sampled(cluster) as sampler:
             # Killed while idle, then two leader changes (a crash, a resign) while it is away.
             await drained(cluster.agents, 30)
             kill(dashboard)
@@ -98,29 +92,19 @@ async def test_dashboard_killed_and_restarted_with_leader_changes_between(
             await change_leader(cluster, signal.SIGKILL)
             restart(dashboard)
             await cluster.leader(START)
-        assert_safe(sampler, cluster.logs(), min_terms=5)
-        await assert_every_transition_once(dashboard, cluster.agents, sampler)
-    finally:
-        await cluster.close()
+        await assert_safe_and_reported(sampler, cluster, dashboard, min_terms=5)
 
 
 @pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
-    server = start_postgres()
-    try:
+    with private(PrivatePostgres) as server:
         yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
-    server = start_redis()
-    try:
+    with private(PrivateRedis) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -149,17 +133,13 @@ async def test_production_dashboard_survives_its_postgres_and_redis_restarting(
     dashboard = production_on_private_servers
     # The election itself runs on the shared PostgreSQL: only the dashboard's servers go down.
     t = target("postgres", pg_dsn)
-    ids = cluster_ids("prod")
-    configure = await asyncio.to_thread(link_agents, dashboard, tmp_path, ids)
-    cluster = Cluster(t, tmp_path / "agents", configure=configure, ids=ids)
-    cluster.start()
-    try:
-        await cluster.leader(START)
-        async with HealthSampler(cluster.agents, tokens=True) as sampler:
-            await watching(sampler)
+    async with reporting_cluster(
+        t, dashboard, "prod", tmp_path, tmp_path / "agents", START, clean_up=True
+    ) as cluster:
+        async with sampled(cluster) as sampler:
             outages = [
                 ("PostgreSQL", private_pg.crash, private_pg.start),
-                ("Redis", private_redis.stop, private_redis.start),
+                ("Redis", private_redis.kill, private_redis.start),
             ]
             for server, down, up in outages:
                 await drained(cluster.agents, 30)
@@ -175,8 +155,4 @@ async def test_production_dashboard_survives_its_postgres_and_redis_restarting(
                 caught_up = time.monotonic() - started
                 assert caught_up < 30, f"the dashboard caught up {caught_up:.1f}s after {server}"
             await cluster.leader(START)
-        assert_safe(sampler, cluster.logs(), min_terms=5)
-        await assert_every_transition_once(dashboard, cluster.agents, sampler)
-    finally:
-        await cluster.close()
-        await t.cleanup(cluster.election)
+        await assert_safe_and_reported(sampler, cluster, dashboard, min_terms=5)
