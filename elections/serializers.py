@@ -36,6 +36,8 @@ def election_json(e: Election) -> dict[str, Any]:
         }
         if e.suspect_token is not None
         else None,
+        "flapping": e.flapping_since is not None,
+        "flapping_since": iso(e.flapping_since),
         "members": [
             {"agent": m.agent_id, "state": m.state, "connected": m.agent.connected}
             for m in e.memberships.all()
@@ -50,6 +52,7 @@ def term_json(t: Term) -> dict[str, Any]:
         "started": iso(t.started),
         "ended": iso(t.ended),
         "end_reason": t.end_reason or None,
+        "gap": t.gap,
     }
 
 

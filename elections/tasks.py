@@ -10,7 +10,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from elections import actions, audit, commands
+from elections import actions, audit, commands, flapping
 
 
 @shared_task
@@ -31,6 +31,12 @@ def run_scheduled_commands() -> list[int]:
 @shared_task
 def expire_commands() -> list[int]:
     return commands.expire()
+
+
+@shared_task
+def settle_flapping() -> list[int]:
+    """Clear flapping once an election's window holds few enough changes again."""
+    return flapping.settle()
 
 
 _published: dict[str, str | None] = {"head": None}
@@ -59,6 +65,7 @@ PERIODIC = [
     (refresh_statuses, 30.0),
     (run_scheduled_commands, 1.0),
     (expire_commands, 2.0),
+    (settle_flapping, 10.0),
     (prune_history, 3600.0),
     (publish_audit_head, 60.0),
 ]
