@@ -110,9 +110,10 @@ def test_metrics_describe_the_fleet(sre: Client, client: Client, fleet: None) ->
     assert 'electorate_elections{backend="etcd",status="led"} 1.0' in text
     assert 'electorate_elections{backend="raft",status="leaderless"} 1.0' in text
     assert 'electorate_leaderless_seconds{election="search/shard-1"}' in text
-    assert 'electorate_leader_changes_total{backend="etcd"} 1.0' in text
+    assert 'electorate_leader_changes_total{backend="etcd",election="billing/cluster"} 1.0' in text
+    assert 'electorate_leader_changes_total{backend="raft",election="search/shard-1"} 0.0' in text
     assert 'electorate_agents{connected="true"} 2.0' in text
-    assert "electorate_transitions_ingested_total 1.0" in text
+    assert "# TYPE electorate_transitions_ingested_total counter" in text
 
 
 def test_the_elections_api_pages_with_a_cursor_and_reports_the_total(sre: Client) -> None:
