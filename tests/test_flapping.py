@@ -3,6 +3,7 @@ election, audited and shown; it clears by itself once the window is quiet again.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -104,7 +105,11 @@ def test_it_clears_by_itself_and_says_so(django_capture_on_commit_callbacks) -> 
     [entry] = entries("flapping-cleared")
     assert entry.detail["changes"] == 0
     assert entry.detail["flapping_since"] == since.isoformat()
-    message = async_to_sync(layer.receive)(channel)
+
+    async def announced() -> dict:
+        return await asyncio.wait_for(layer.receive(channel), timeout=5)
+
+    message = async_to_sync(announced)()
     assert message == {"type": "fleet.changed", "elections": [election.pk]}
     # The periodic task runs it.
     assert tasks.settle_flapping in [task for task, _ in tasks.PERIODIC]
