@@ -69,23 +69,15 @@ class Flips:
     def ids(self) -> set[int]:
         return {e.pk for e in (*self.started, *self.cleared)}
 
-    def audit(self) -> list[audit.Pending]:
-        """The audit entries of these flips (``flapping``, ``flapping-cleared``)."""
+    def details(self) -> list[tuple[str, str, dict[str, object]]]:
+        """(action, election, detail) of each flip: what the audit log and alerts say."""
         rule = {"threshold": threshold(), "window_seconds": window()}
-        entries = [
-            audit.Pending(
-                audit.Actor.SYSTEM,
-                "system",
-                audit.Action.FLAPPING,
-                e.name,
-                {"changes": self.counts.get(e.pk, 0), **rule},
-            )
+        started = [
+            (audit.Action.FLAPPING, e.name, {"changes": self.counts.get(e.pk, 0), **rule})
             for e in self.started
         ]
-        entries += [
-            audit.Pending(
-                audit.Actor.SYSTEM,
-                "system",
+        cleared = [
+            (
                 audit.Action.FLAPPING_CLEARED,
                 e.name,
                 {
@@ -96,7 +88,14 @@ class Flips:
             )
             for e in self.cleared
         ]
-        return entries
+        return started + cleared
+
+    def audit(self) -> list[audit.Pending]:
+        """The audit entries of these flips (``flapping``, ``flapping-cleared``)."""
+        return [
+            audit.Pending(audit.Actor.SYSTEM, "system", action, name, detail)
+            for action, name, detail in self.details()
+        ]
 
 
 def judge(elections: Iterable[Election], now: datetime) -> Flips:

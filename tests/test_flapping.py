@@ -150,12 +150,11 @@ def test_detecting_flapping_costs_the_same_for_one_election_or_a_hundred() -> No
     assert len(entries("flapping")) == 100
 
 
-def test_flapping_shows_on_the_map_and_in_the_api(django_user_model) -> None:
+def test_flapping_shows_on_the_map_and_in_the_api(sre: Client) -> None:
     now = datetime.now(UTC)
     Seat("calm/1")
     seat = Seat()
-    client = Client()
-    client.force_login(django_user_model.objects.create_user("sre", password="x" * 12))
+    client = sre
     page = client.get("/").content.decode()
     assert 'data-testid="flapping"' not in page
     for second in range(4):

@@ -16,16 +16,9 @@ from elections.ingest import Frame, ingest_frames
 from elections.models import AuditEntry, Election, Membership, Term
 from tests.helpers import hello, parsed_event
 from tests.test_exports import body
+from tests.test_ingest import T0, ev
 
 pytestmark = pytest.mark.django_db
-
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-
-def ev(
-    seq: int, to: str, token: int, *, frm: str = "candidate", at: float = 0, **kw
-) -> protocol.Event:
-    return parsed_event(seq, "e/1", to, token, from_=frm, at=T0 + timedelta(seconds=at), **kw)
 
 
 @pytest.fixture
@@ -195,13 +188,6 @@ def test_the_rto_setting_applies_without_a_label(settings, pair: None) -> None:
     assert gaps.rto_of(election) == (4.0, "setting")
     election.labels = {"rto": "2"}
     assert gaps.rto_of(election) == (2.0, "label")
-
-
-@pytest.fixture
-def sre(django_user_model) -> Client:
-    client = Client()
-    client.force_login(django_user_model.objects.create_user("sre", password="x" * 12))
-    return client
 
 
 def test_gaps_show_in_the_api_the_export_and_the_page(sre: Client, pair: None) -> None:

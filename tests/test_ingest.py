@@ -17,7 +17,7 @@ T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 def ev(
-    seq: int, to: str, token: int, *, frm: str = "candidate", at: int = 0, **kw
+    seq: int, to: str, token: int, *, frm: str = "candidate", at: float = 0, **kw
 ) -> protocol.Event:
     return parsed_event(seq, "e/1", to, token, from_=frm, at=T0 + timedelta(seconds=at), **kw)
 

@@ -28,13 +28,6 @@ def quiet_meter() -> None:
     meters.meter.take()  # counts another test left in this process's meter
 
 
-@pytest.fixture
-def sre(django_user_model) -> Client:
-    client = Client()
-    client.force_login(django_user_model.objects.create_user("sre", password="x" * 12))
-    return client
-
-
 def scrape(client: Client) -> dict[str, Metric]:
     response = client.get("/metrics")
     assert response.status_code == 200

@@ -41,13 +41,6 @@ def fleet() -> None:
     actions.ingest_events("a", [event])
 
 
-@pytest.fixture
-def sre(django_user_model) -> Client:
-    client = Client()
-    client.force_login(django_user_model.objects.create_user("sre", password="x" * 12))
-    return client
-
-
 def test_pages_and_api_need_a_login(client: Client, fleet: None) -> None:
     assert client.get("/").status_code == 302
     assert client.get("/elections/billing/cluster/").status_code == 302
