@@ -3,9 +3,11 @@ its own report of leaving) to the new leader's win; statistics per election."""
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -226,3 +228,14 @@ def test_gaps_show_in_the_api_the_export_and_the_page(sre: Client, pair: None) -
     page = sre.get("/elections/e/1/").content.decode()
     assert 'data-testid="failover-gaps"' in page
     assert "3.25 s" in page
+
+
+def test_ctl_history_shows_the_gap_before_each_term(pair: None) -> None:
+    actions.ingest_events("a", [ev(1, "leader", 1)])
+    actions.ingest_events("a", [ev(2, "follower", 1, frm="leader", at=10, reason="resigned")])
+    actions.ingest_events("b", [ev(1, "leader", 2, at=11.5)])
+    out = io.StringIO()
+    call_command("ctl", "history", "e/1", stdout=out)
+    newest, first = out.getvalue().splitlines()
+    assert "gap 1.500s" in newest and "current" in newest
+    assert "gap ?" in first and "resigned" in first
