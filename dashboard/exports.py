@@ -230,6 +230,7 @@ EXPORTS = {
             ("started", "started"),
             ("ended", "ended"),
             ("end_reason", "end_reason"),
+            ("gap", "gap"),
         ),
         TERMS,
         ("started", "id"),

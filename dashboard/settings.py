@@ -187,6 +187,13 @@ ELECTORATE_LIVE_COALESCE = float(env("ELECTORATE_LIVE_COALESCE", "0.1"))
 ELECTORATE_LIVE_FRAME_LIMIT = int(env("ELECTORATE_LIVE_FRAME_LIMIT", str(256 * 1024)))
 #: Threads (each with its own database connection) for the websockets' database work.
 ELECTORATE_DB_THREADS = int(env("ELECTORATE_DB_THREADS", "8"))
+#: Failover gaps: the window of an election's statistics (seconds), and the recovery-time
+#: objective a gap is held against when the election has no ``rto`` label (unset: none).
+ELECTORATE_GAP_WINDOW = float(env("ELECTORATE_GAP_WINDOW", "86400"))
+ELECTORATE_RTO = float(env("ELECTORATE_RTO")) if env("ELECTORATE_RTO") else None
+#: Flapping: more than this many new terms within this many seconds (PD's damper: 3 in 5 min).
+ELECTORATE_FLAP_CHANGES = int(env("ELECTORATE_FLAP_CHANGES", "3"))
+ELECTORATE_FLAP_WINDOW = float(env("ELECTORATE_FLAP_WINDOW", "300"))
 
 # Webhooks (configured in the admin; elections.webhooks): how long a request may take, how
 # long a burst is gathered before one request carries it, events per request, and the

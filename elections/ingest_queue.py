@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from elections import meters
 from elections.db import run_db
 from elections.ingest import Frame, IngestResult, ingest_frames
 from elections.per_loop import PerLoop
@@ -27,7 +29,11 @@ MAX_EVENTS = 2000
 class IngestQueue:
     def __init__(self, writers: int = WRITERS, max_events: int = MAX_EVENTS) -> None:
         self.max_events = max_events
-        self._queue: asyncio.Queue[tuple[Frame, asyncio.Future[IngestResult]]] = asyncio.Queue()
+        #: (frame, its result, when it arrived: the start of its ingest lag)
+        self._queue: asyncio.Queue[tuple[Frame, asyncio.Future[IngestResult], float]] = (
+            asyncio.Queue()
+        )
+        meters.flusher()  # the counts this queue adds reach the database once a second
         self._writers = [
             asyncio.get_running_loop().create_task(self._write(), name=f"ingest writer {i}")
             for i in range(writers)
@@ -36,8 +42,14 @@ class IngestQueue:
     async def submit(self, frame: Frame) -> IngestResult:
         """Store a frame; returns once it is committed (or raises why it could not be)."""
         done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((frame, done))
+        self._queue.put_nowait((frame, done, time.monotonic()))
         return await done
+
+    async def stop(self) -> None:
+        """Stop the writers (frames still queued are not stored: their agents resend them)."""
+        for writer in self._writers:
+            writer.cancel()
+        await asyncio.gather(*self._writers, return_exceptions=True)
 
     async def _write(self) -> None:
         while True:
@@ -48,31 +60,39 @@ class IngestQueue:
                 batch.append(item)
                 events += len(item[0].events)
             try:
-                import time as _t
-
-                _t0 = _t.perf_counter()
-                results = await run_db(ingest_frames, [frame for frame, _ in batch])
-                if __import__("os").environ.get("ELECTORATE_DEBUG_BATCH"):
-                    log.warning(
-                        "batch %d frames %d events %.1f ms",
-                        len(batch),
-                        events,
-                        (_t.perf_counter() - _t0) * 1000,
-                    )
+                started = time.monotonic()
+                results = await run_db(ingest_frames, [frame for frame, _, _ in batch])
+                log.debug(
+                    "batch %d frames %d events %.1f ms",
+                    len(batch),
+                    events,
+                    (time.monotonic() - started) * 1000,
+                )
             except Exception:
                 if len(batch) == 1:
                     _fail(batch[0][1], batch[0][0])
                     continue
-                for frame, done in batch:
+                for frame, done, arrived in batch:
                     try:
                         [result] = await run_db(ingest_frames, [frame])
                     except Exception:
                         _fail(done, frame)
                     else:
+                        _count([(frame, arrived)], [result])
                         _resolve(done, result)
             else:
-                for (_, done), result in zip(batch, results, strict=True):
+                _count([(frame, arrived) for frame, _, arrived in batch], results)
+                for (_, done, _), result in zip(batch, results, strict=True):
                     _resolve(done, result)
+
+
+def _count(frames: list[tuple[Frame, float]], results: list[IngestResult]) -> None:
+    """Committed frames into the process's meter: events, events stored, each frame's lag."""
+    committed = time.monotonic()
+    meters.meter.ingested(
+        len(frames), sum(len(f.events) for f, _ in frames), sum(r.stored for r in results)
+    )
+    meters.meter.lags(committed - arrived for _, arrived in frames)
 
 
 def _resolve(done: asyncio.Future[IngestResult], result: IngestResult) -> None:

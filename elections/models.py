@@ -98,6 +98,9 @@ class Election(models.Model):
     paused_reason = models.CharField(max_length=500, blank=True)
     #: The end of a maintenance window: the periodic sweep resumes the election then.
     paused_until = models.DateTimeField(null=True, blank=True)
+    #: Set while more than ``ELECTORATE_FLAP_CHANGES`` terms started within the last
+    #: ``ELECTORATE_FLAP_WINDOW`` seconds (``elections.flapping``); cleared by itself.
+    flapping_since = models.DateTimeField(null=True, blank=True)
     updated = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -155,6 +158,10 @@ class Term(models.Model):
     started = models.DateTimeField()
     ended = models.DateTimeField(null=True, blank=True)
     end_reason = models.CharField(max_length=20, choices=EndReason.choices, blank=True)
+    #: The failover gap: seconds from the previous leader's last proven lease (its own report
+    #: of leaving, else its last known lease expiry) to this term's start; None for a first
+    #: term or when nothing proves when the previous lease ended. See ``elections.gaps``.
+    gap = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-token"]
@@ -283,6 +290,8 @@ class AuditEntry(models.Model):
         AGENT_TOKEN_REVOKED = "agent-token-revoked"
         API_TOKEN_ISSUED = "api-token-issued"
         API_TOKEN_REVOKED = "api-token-revoked"
+        FLAPPING = "flapping"
+        FLAPPING_CLEARED = "flapping-cleared"
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor_type = models.CharField(max_length=10, choices=ActorType.choices)
@@ -409,3 +418,12 @@ class WebhookEvent(models.Model):
                 name="one_leaderless_event_per_spell",
             )
         ]
+
+
+class MetricCounter(models.Model):
+    """A counter summed over every server process (``elections.meters``): each process adds
+    what it counted once a second, so a scrape of any process sees the fleet-wide total and
+    a restart loses at most the last second."""
+
+    name = models.CharField(primary_key=True, max_length=100)
+    value = models.FloatField(default=0.0)

@@ -41,6 +41,8 @@ def election_json(e: Election) -> dict[str, Any]:
         else None,
         "paused": e.paused,
         "paused_until": iso(e.paused_until),
+        "flapping": e.flapping_since is not None,
+        "flapping_since": iso(e.flapping_since),
         "members": [
             {"agent": m.agent_id, "state": m.state, "connected": m.agent.connected}
             for m in e.memberships.all()
@@ -55,6 +57,7 @@ def term_json(t: Term) -> dict[str, Any]:
         "started": iso(t.started),
         "ended": iso(t.ended),
         "end_reason": t.end_reason or None,
+        "gap": t.gap,
     }
 
 

@@ -10,7 +10,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from elections import actions, audit, commands, webhook_delivery, webhooks
+from elections import actions, audit, commands, flapping, webhook_delivery, webhooks
 
 
 @shared_task
@@ -36,6 +36,12 @@ def end_maintenance_windows() -> list[str]:
 @shared_task
 def expire_commands() -> list[int]:
     return commands.expire()
+
+
+@shared_task
+def settle_flapping() -> list[int]:
+    """Clear flapping once an election's window holds few enough changes again."""
+    return flapping.settle()
 
 
 _published: dict[str, str | None] = {"head": None}
@@ -95,6 +101,7 @@ PERIODIC = [
     (run_scheduled_commands, 1.0),
     (expire_commands, 2.0),
     (end_maintenance_windows, 5.0),
+    (settle_flapping, 10.0),
     (prune_history, 3600.0),
     (publish_audit_head, 60.0),
     (alert_leaderless, 5.0),

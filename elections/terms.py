@@ -13,6 +13,9 @@ per table. The rules:
 - a "leader" event with an older token is history, not news: its term is recorded, ended
   where its successor began; the same leader winning again with the same token resumes it;
 - leaving the leader state ends that term with the reason the agent gave;
+- a term that opens records its failover gap, from the previous leader's last proven lease
+  to the win (``elections.gaps``); the batch then re-judges flapping (``elections.flapping``)
+  of the elections it opened terms in or that flap, with one query;
 - one agent must not be able to rewrite an election with an absurd token (tokens only grow,
   so a believed 2^63-1 would hide every real term after it): a claim whose token is more
   than ``SUSPECT_JUMP`` above both the election's token and every token the *other* members
@@ -31,7 +34,7 @@ from django.db.models import BooleanField, Exists, F, OuterRef, Q
 from django.db.models.expressions import RawSQL
 
 import protocol
-from elections import audit, statuses, webhooks
+from elections import audit, flapping, gaps, statuses, webhooks
 from elections.models import Election, Membership, Term
 from elections.serializers import iso
 from elections.sql import update_from_values
@@ -43,7 +46,7 @@ from protocol import EndReason, State
 #: a claim is believed a heartbeat later, when another member sees the same leader.
 SUSPECT_JUMP = 1_000_000
 
-_TERM_FIELDS = ("pk", "election_id", "leader_id", "token", "started", "ended", "end_reason")
+_TERM_FIELDS = ("pk", "election_id", "leader_id", "token", "started", "ended", "end_reason", "gap")
 #: What a batch may change of an election: read with it, written back when it changed.
 _ELECTION_STATE = (
     "token",
@@ -54,6 +57,7 @@ _ELECTION_STATE = (
     "suspect_leader",
     "suspect_token",
     "suspect_since",
+    "flapping_since",
 )
 _election_state = attrgetter(*_ELECTION_STATE)
 
@@ -210,6 +214,10 @@ class Ledger:
 
     def _open(self, agent_id: str, election: Election, token: int, at: datetime) -> None:
         previous = self.term(election.pk, election.token) if election.token is not None else None
+        gap = None
+        if previous is not None:
+            old = self.memberships.get((previous.leader_id, election.pk))
+            gap = gaps.gap(gaps.last_proven(previous, old.lease_expires if old else None), at)
         self.audit.append(
             audit.Pending(
                 audit.Actor.AGENT,
@@ -221,6 +229,7 @@ class Ledger:
                     "token": token,
                     "previous_leader": previous.leader_id if previous else None,
                     "previous_token": previous.token if previous else None,
+                    "gap": gap,
                     "agent_time": at.isoformat(),
                 },
             )
@@ -251,7 +260,9 @@ class Ledger:
             election.suspect_leader, election.suspect_token, election.suspect_since = "", None, None
         self.dirty_elections.add(election.pk)
         if self.term(election.pk, token) is None:
-            self._create(Term(election_id=election.pk, leader_id=agent_id, token=token, started=at))
+            self._create(
+                Term(election_id=election.pk, leader_id=agent_id, token=token, started=at, gap=gap)
+            )
 
     def _successor(self, election_id: int, token: int) -> Term | None:
         """The first term after ``token`` (a rare path: only late events ask)."""
@@ -272,12 +283,28 @@ class Ledger:
         term = self.term(election.pk, token)
         if term is not None and term.leader_id == agent_id and term.ended is None:
             self._end(term, at, reason or EndReason.RESIGNED)
+        elif term is not None and term.leader_id == agent_id:
+            self._refine_gap(term, at)
         if election.leader_id == agent_id and election.token == token:
             election.leader_id, election.leaderless_since = None, at
             self.dirty_elections.add(election.pk)
         if (election.suspect_leader, election.suspect_token) == (agent_id, token):
             election.suspect_leader, election.suspect_token, election.suspect_since = "", None, None
             self.dirty_elections.add(election.pk)
+
+    def _refine_gap(self, term: Term, left: datetime) -> None:
+        """The leader of a term a newer win already ended says when it left: measure its
+        successor's gap from that report instead of its lease (see ``elections.gaps``)."""
+        if term.end_reason not in gaps.ENDED_BY_SUCCESSOR:
+            return
+        later = [t for t in self.by_election.get(term.election_id, ()) if t.token > term.token]
+        successor = min(later, key=lambda t: t.token, default=None)
+        # Ended at the successor's win: no term unknown to this batch lies between them.
+        if successor is None or successor.started != term.ended:
+            return
+        successor.gap = gaps.gap(left, successor.started)
+        if successor.pk is not None:
+            self.ended_terms[successor.pk] = successor
 
     def _create(self, term: Term) -> None:
         self._add(term)
@@ -305,12 +332,19 @@ class Ledger:
         update_from_values(
             Term,
             ["id"],
-            ["ended", "end_reason"],
-            [(t.pk, t.ended, t.end_reason) for t in self.ended_terms.values()],
+            ["ended", "end_reason", "gap"],
+            [(t.pk, t.ended, t.end_reason, t.gap) for t in self.ended_terms.values()],
         )
         # Statuses read the members just written (same transaction), under the election locks.
         flipped = statuses.derive(self.elections.values(), now)
-        rows = self.dirty_elections | {e.pk for e in flipped}
+        # Flapping counts the terms just written: where terms opened, or an election flaps.
+        opened = {election_id for election_id, _ in self.new_terms}
+        flips = flapping.judge(
+            [e for e in self.elections.values() if e.pk in opened or e.flapping_since], now
+        )
+        self.audit += flips.audit()
+        self.alerts += flips.alerts()
+        rows = self.dirty_elections | {e.pk for e in flipped} | flips.ids
         update_from_values(
             Election,
             ["id"],

@@ -227,6 +227,7 @@ def test_every_new_term_is_audited_once_as_a_leader_change() -> None:
                 "token": 5,
                 "previous_leader": None,
                 "previous_token": None,
+                "gap": None,
                 "agent_time": T0.isoformat(),
             },
         ),
@@ -239,6 +240,7 @@ def test_every_new_term_is_audited_once_as_a_leader_change() -> None:
                 "token": 6,
                 "previous_leader": "a",
                 "previous_token": 5,
+                "gap": None,  # a never said when it left, nor reported a lease
                 "agent_time": (T0 + timedelta(seconds=3)).isoformat(),
             },
         ),

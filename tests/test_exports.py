@@ -247,13 +247,14 @@ def test_transitions_and_terms_export_filtered_by_election_and_time(sre: Client)
     later = body(sre.get("/terms/export.ndjson", {"from": "2026-11-02"})).splitlines()
     assert [json.loads(line)["election"] for line in later] == ["search/shard-1"]
     only = body(sre.get("/terms/export.csv", {"election": "billing/cluster"})).splitlines()
-    assert only[0] == "id,election,leader,token,started,ended,end_reason"
+    assert only[0] == "id,election,leader,token,started,ended,end_reason,gap"
     assert len(only) == 2
 
 
 def test_an_empty_csv_export_is_just_the_header(sre: Client) -> None:
     assert (
-        body(sre.get("/terms/export.csv")) == "id,election,leader,token,started,ended,end_reason\n"
+        body(sre.get("/terms/export.csv"))
+        == "id,election,leader,token,started,ended,end_reason,gap\n"
     )
     assert body(sre.get("/transitions/export.ndjson")) == ""
 

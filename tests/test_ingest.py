@@ -16,7 +16,7 @@ pytestmark = pytest.mark.django_db
 
 
 def ev(
-    seq: int, to: str, token: int, *, frm: str = "candidate", at: int = 0, **kw
+    seq: int, to: str, token: int, *, frm: str = "candidate", at: float = 0, **kw
 ) -> protocol.Event:
     return parsed_event(seq, "e/1", to, token, from_=frm, at=T0 + timedelta(seconds=at), **kw)
 

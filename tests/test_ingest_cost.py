@@ -105,3 +105,19 @@ def test_a_late_close_of_an_old_session_does_not_mark_the_agent_offline() -> Non
     actions.agent_disconnected("a", "new")
     agent = Agent.objects.get(pk="a")
     assert (agent.connected, agent.session) == (False, "")
+
+
+def test_measuring_failover_gaps_from_leases_costs_no_statement_per_election() -> None:
+    names = [f"e/{i}" for i in range(100)]
+    actions.register_agent(hello("a", *names))
+    actions.register_agent(hello("b", *names))
+    actions.ingest_events("a", [won(i + 1, n, 1) for i, n in enumerate(names)])
+    leading = protocol.ElectionState(state="leader", leader="a", token=1, ttl_left=5)
+    actions.record_heartbeat("a", protocol.Heartbeat(at=T0, states=dict.fromkeys(names, leading)))
+
+    one = statements(lambda: actions.ingest_events("b", [won(1, "e/0", 2, at=3600)]))
+    many = statements(
+        lambda: actions.ingest_events("b", [won(i + 2, n, 2, at=3600) for i, n in enumerate(names)])
+    )
+    assert many == one
+    assert Term.objects.filter(token=2, gap__isnull=False).count() == 100

@@ -10,7 +10,7 @@ from django.shortcuts import get_object_or_404
 from dashboard import exports
 from dashboard.auth import api_auth
 from dashboard.web import leadermap
-from elections import serializers
+from elections import gaps, serializers
 from elections.models import Agent, Election, Term
 
 #: Elections per page of ``GET /api/v1/elections`` unless ``limit`` says otherwise.
@@ -58,9 +58,9 @@ def elections(request: HttpRequest) -> JsonResponse:
 
 @api_auth
 def election(request: HttpRequest, name: str) -> JsonResponse:
-    return JsonResponse(
-        serializers.election_json(get_object_or_404(leadermap.elections(), name=name))
-    )
+    """One election, with its failover gaps over ``ELECTORATE_GAP_WINDOW``."""
+    e = get_object_or_404(leadermap.elections(), name=name)
+    return JsonResponse({**serializers.election_json(e), "failover_gaps": gaps.stats(e).as_json()})
 
 
 @api_auth

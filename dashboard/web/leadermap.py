@@ -39,14 +39,17 @@ GROUP_LIMIT = 30
 #: Member chips and labels drawn per row; the rest are counted ("+12").
 MEMBERS_SHOWN = 8
 LABELS_SHOWN = 4
-#: The map's status filter: the stored statuses, and "unverified" (a leader not connected).
-STATUSES = (*Election.Status.values, "unverified")
+#: The map's status filter: the stored statuses, "unverified" (a leader not connected) and
+#: "flapping" (elections.flapping; a flag beside the status, not a status).
+STATUSES = (*Election.Status.values, "unverified", "flapping")
 
 SPLIT, LEADERLESS = Election.Status.SPLIT_BRAIN, Election.Status.LEADERLESS
 UNVERIFIED = Q(leader__isnull=False, leader__connected=False)
 #: A leader claim held as suspect (elections.terms) needs a look too.
 HELD = Q(suspect_token__isnull=False)
-PROBLEM = Q(status__in=[SPLIT, LEADERLESS]) | UNVERIFIED | HELD
+#: A seat changing hands too often (elections.flapping) too.
+FLAPPING = Q(flapping_since__isnull=False)
+PROBLEM = Q(status__in=[SPLIT, LEADERLESS]) | UNVERIFIED | HELD | FLAPPING
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class MapFilter:
             elections = elections.filter(backend=self.backend)
         if self.status == "unverified":
             elections = elections.filter(UNVERIFIED)
+        elif self.status == "flapping":
+            elections = elections.filter(FLAPPING)
         elif self.status:
             elections = elections.filter(status=self.status)
         if self.q:
@@ -174,6 +179,7 @@ def summary() -> dict[str, int]:
         leaderless=Count("pk", filter=Q(status=LEADERLESS)),
         split=Count("pk", filter=Q(status=SPLIT)),
         unverified=Count("pk", filter=UNVERIFIED),
+        flapping=Count("pk", filter=FLAPPING),
     )
     agents = Agent.objects.aggregate(
         total=Count("pk"), connected=Count("pk", filter=Q(connected=True))

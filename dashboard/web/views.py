@@ -8,6 +8,7 @@ from django.shortcuts import get_object_or_404, render
 from django.template.loader import render_to_string
 
 from dashboard.web import control, leadermap
+from elections import gaps
 from elections.models import Election
 from elections.permissions import can_operate
 
@@ -47,6 +48,7 @@ def election_detail(request: HttpRequest, name: str) -> HttpResponse:
             "e": election,
             **leadermap.row_context(leadermap.elections([election.pk]).get()),
             "terms": election.terms.select_related("leader")[:50],
+            "gaps": gaps.stats(election),
             "commands": control.recent_commands(election),
             "can_operate": can_operate(request.user),
             "transitions": election.transitions.select_related("agent")[:100],

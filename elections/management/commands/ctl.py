@@ -75,8 +75,10 @@ class Command(BaseCommand):
             raise CommandError(f"unknown election {name!r}")
         for t in election.terms.all()[:50]:
             ended = t.ended.isoformat() if t.ended else "current"
+            gap = f"gap {t.gap:.3f}s" if t.gap is not None else "gap ?"
             self.stdout.write(
-                f"{t.token:>8}  {t.leader_id:<20} {t.started.isoformat()}  {ended}  {t.end_reason}"
+                f"{t.token:>8}  {t.leader_id:<20} {t.started.isoformat()}  {gap:<12} {ended}  "
+                f"{t.end_reason}".rstrip()
             )
 
     def _operate(self, action: str, options: dict[str, Any]) -> None:
