@@ -176,6 +176,8 @@ ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 
 #: An agent that has not sent anything for this long is marked offline by the sweep.
 ELECTORATE_AGENT_STALE_AFTER = float(env("ELECTORATE_AGENT_STALE_AFTER", "15"))
+#: An agent whose clock is off the dashboard's by more than this (seconds) is flagged.
+ELECTORATE_CLOCK_SKEW_WARN = float(env("ELECTORATE_CLOCK_SKEW_WARN", "1"))
 #: Frames an agent may send a second on average, and in a burst, before it is disconnected.
 ELECTORATE_AGENT_FRAME_RATE = float(env("ELECTORATE_AGENT_FRAME_RATE", "50"))
 ELECTORATE_AGENT_FRAME_BURST = float(env("ELECTORATE_AGENT_FRAME_BURST", "500"))

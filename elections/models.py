@@ -38,6 +38,9 @@ class Agent(models.Model):
     #: an older session (a socket closing on one server while the agent already reconnected
     #: to another) must not mark the agent offline or online.
     session = models.CharField(max_length=32, blank=True)
+    #: Seconds the agent's clock is ahead of the dashboard's (negative: behind), smoothed over
+    #: its heartbeats (``elections.clock``); None until one arrived. Network delay counts in.
+    clock_skew = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -118,6 +121,9 @@ class Membership(models.Model):
     sees_leader = models.CharField(max_length=100, blank=True)
     sees_token = models.BigIntegerField(null=True, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True)
+    #: The agent's last heartbeat claimed the seat with less than a third of the TTL left:
+    #: renewals are being missed (``elections.leases``). Written only when it flips.
+    lease_late = models.BooleanField(default=False)
     #: Agent time of the last transition applied (None: none yet).
     changed = models.DateTimeField(null=True, blank=True)
     priority = models.IntegerField(default=0)

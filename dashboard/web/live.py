@@ -1,4 +1,5 @@
-"""The live map over ``/ws/live/``: one hub per server process, shared by its browsers.
+"""The live map and election pages over ``/ws/live/``: one hub per server process, shared by
+its browsers.
 
 - The hub alone listens to the channel layer's ``fleet`` group (one channel per process, not
   one per browser) and renders what changed once per distinct view, on the database pool;
@@ -13,6 +14,9 @@
   updates, and once it catches up it gets one fresh snapshot instead of the backlog.
 - Changes may be lost when the channel layer is away (Redis restarting): the hub re-joins
   its group (``elections.layer``), and every browser then gets a fresh snapshot.
+- An election page (``?election=<id>``) gets frames only when that election changed: the hub
+  filters the changes it hears, so a busy fleet costs such a page nothing, and each changed
+  election's page is rendered once (``electionpage``) for every browser showing it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from dashboard.web import leadermap
+from dashboard.web import electionpage, leadermap
+from dashboard.web.electionpage import ElectionView
 from dashboard.web.leadermap import MapView, Rendered, ViewState
 from elections import layer as elections_layer
 from elections.broadcast import FLEET_GROUP
@@ -100,7 +105,7 @@ class Viewer:
     """One browser: what it shows and how far it is behind."""
 
     consumer: AsyncWebsocketConsumer
-    view: MapView
+    view: MapView | ElectionView
     state: ViewState | None = None  # None: needs a snapshot
     sent: int = 0
     #: (frame number, when sent) of frames not acked yet, oldest first.
@@ -142,7 +147,7 @@ class LiveHub:
 
     # -- browsers -------------------------------------------------------------------------
 
-    def join(self, consumer: AsyncWebsocketConsumer, view: MapView) -> Viewer:
+    def join(self, consumer: AsyncWebsocketConsumer, view: MapView | ElectionView) -> Viewer:
         self._start()
         viewer = Viewer(consumer, view)
         self.viewers.add(viewer)
@@ -248,16 +253,25 @@ class LiveHub:
                 viewer.skipped = True  # no more updates until it catches up
             else:
                 viewers.append(viewer)
-        fresh = {v.view for v in viewers if v.state is None}
-        targets = {(v.view, v.state) for v in viewers if v.state is not None} if changed else set()
-        if not fresh and not targets:
+        maps = [v for v in viewers if isinstance(v.view, MapView)]
+        fresh = {v.view for v in maps if v.state is None}
+        targets = {(v.view, v.state) for v in maps if v.state is not None} if changed else set()
+        # Election pages: only those whose election changed, and new ones.
+        pages = {
+            v.view
+            for v in viewers
+            if isinstance(v.view, ElectionView) and (v.state is None or v.view.pk in changed)
+        }
+        if not fresh and not targets and not pages:
             return
-        snapshots, updates = await run_db(_render, fresh, targets, changed)
+        snapshots, updates, drawn = await run_db(_render, fresh, targets, changed, pages)
         sends = []
         for viewer in viewers:
             if viewer not in self.viewers:
                 continue  # left meanwhile
-            if viewer.state is None:
+            if isinstance(viewer.view, ElectionView):
+                rendered = drawn.get(viewer.view)
+            elif viewer.state is None:
                 rendered = snapshots.get(viewer.view)
             else:
                 rendered = updates.get((viewer.view, viewer.state))
@@ -290,11 +304,17 @@ def _still_allowed(sessions: set[str], users: set[int]) -> tuple[set[str], set[i
 
 
 def _render(
-    fresh: set[MapView], targets: set[tuple[MapView, ViewState]], changed: set[int]
-) -> tuple[dict[MapView, Rendered], dict[tuple[MapView, ViewState], Rendered]]:
+    fresh: set[MapView],
+    targets: set[tuple[MapView, ViewState]],
+    changed: set[int],
+    pages: set[ElectionView],
+) -> tuple[
+    dict[MapView, Rendered], dict[tuple[MapView, ViewState], Rendered], dict[ElectionView, Rendered]
+]:
     updates = leadermap.update(changed, targets) if targets else {}
     snapshots = {view: leadermap.snapshot(view) for view in fresh}
-    return snapshots, updates
+    drawn = {view: Rendered(electionpage.fragments(view)) for view in pages}
+    return snapshots, updates, drawn
 
 
 #: The hub of the running event loop (one per server process).
