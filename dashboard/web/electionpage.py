@@ -25,6 +25,9 @@ WINDOWS = (6, 1, 24, 72)
 #: Terms drawn at most: a flapping election's older terms beyond it are left out (said so).
 TERM_LIMIT = 500
 COMMAND_LIMIT = 200
+#: A history shorter than the window is drawn from its first term, with this much of its
+#: length before it (the time before any leader).
+FIT_MARGIN = 0.05
 #: The sections a live update replaces, in page order.
 SECTIONS = (
     "elections/_election_head.html",
@@ -73,20 +76,29 @@ def draw(election: Election, hours: int, now: datetime) -> timeline.Timeline:
         .values_list("leader_id", "token", "started", "ended", "end_reason")[:TERM_LIMIT]
     )
     led_before = election.terms.filter(started__lt=start).exists()
+    fitted = False
     if len(terms) == TERM_LIMIT:  # older terms are not drawn: start where the drawn ones do
         start, led_before = max(start, terms[-1][2]), True
+    elif terms and not led_before:
+        # A history shorter than the window: draw it across the width, with a margin before.
+        first = terms[-1][2]
+        fitted_start = first - max((now - first) * FIT_MARGIN, timedelta(seconds=1))
+        fitted = fitted_start > start
+        start = max(start, fitted_start)
     commands = (
         election.commands.filter(created__gte=start, created__lte=now)
         .select_related("requested_by")
         .order_by("-created")[:COMMAND_LIMIT]
     )
-    return timeline.build(
+    drawn = timeline.build(
         [timeline.TermSpan(*row) for row in terms],
         [action(c) for c in commands],
         start,
         now,
         led_before=led_before,
     )
+    drawn.fitted = fitted
+    return drawn
 
 
 def action(c: Command) -> timeline.Action:

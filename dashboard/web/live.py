@@ -51,6 +51,9 @@ SESSION_CHECK = 2.0
 CLOSE_SIGNED_OUT = 4401
 #: A browser whose oldest unacked frame is older than this is behind (seconds).
 MAX_LAG = 1.0
+#: Seconds between redraws of election pages whose election did not change: their timeline
+#: runs up to now, and a quiet election's page must not show an hour-old "now".
+PAGE_REDRAW = 30.0
 
 
 def frame_limit() -> int:
@@ -143,6 +146,7 @@ class LiveHub:
                 loop.create_task(self._listen(), name="live listen"),
                 loop.create_task(self._render_loop(), name="live render"),
                 loop.create_task(self._check_sessions(), name="live sessions"),
+                loop.create_task(self._redraw_pages(), name="live pages"),
             ]
 
     # -- browsers -------------------------------------------------------------------------
@@ -189,6 +193,15 @@ class LiveHub:
                     self.leave(viewer)
                     with contextlib.suppress(Exception):
                         await viewer.consumer.close(code=CLOSE_SIGNED_OUT)
+
+    async def _redraw_pages(self) -> None:
+        while True:
+            await asyncio.sleep(PAGE_REDRAW)
+            pages = [v for v in self.viewers if isinstance(v.view, ElectionView)]
+            for viewer in pages:
+                viewer.state = None  # drawn afresh with the next render
+            if pages:
+                self._wake.set()
 
     # -- the channel layer ------------------------------------------------------------------
 

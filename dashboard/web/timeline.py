@@ -24,7 +24,8 @@ from datetime import datetime, timedelta
 MIN_WIDTH = 0.15
 #: Tick spacings to choose from, the first giving at most ``MAX_TICKS`` ticks.
 TICK_STEPS = tuple(
-    timedelta(minutes=m) for m in (1, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440, 2880)
+    timedelta(seconds=s)
+    for s in (1, 5, 10, 15, 30, 60, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 )
 MAX_TICKS = 8
 #: Term segments at least this wide (percent) carry their leader's name.
@@ -99,11 +100,25 @@ class Marker:
     successor: str = ""
     reason: str = ""
 
+    @property
+    def anchor(self) -> str:
+        return anchor(self.x)
+
+
+def anchor(x: float) -> str:
+    """SVG text-anchor keeping a label at ``x`` percent inside the chart at either edge."""
+    return "start" if x < 3 else "end" if x > 97 else "middle"
+
 
 @dataclass(frozen=True)
 class Tick:
     at: datetime
     x: float
+    label: str
+
+    @property
+    def anchor(self) -> str:
+        return anchor(self.x)
 
 
 @dataclass
@@ -113,6 +128,8 @@ class Timeline:
     segments: list[Segment] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
     ticks: list[Tick] = field(default_factory=list)
+    #: The window starts at the election's first term, not the hours asked for.
+    fitted: bool = False
 
     @property
     def gaps(self) -> list[Segment]:
@@ -207,7 +224,8 @@ def ticks(start: datetime, end: datetime) -> list[Tick]:
         first += step
     found = []
     at = first
+    fmt = "%H:%M" if seconds % 60 == 0 else "%H:%M:%S"
     while at <= end:
-        found.append(Tick(at, round((at - start) / span * 100, 3)))
+        found.append(Tick(at, round((at - start) / span * 100, 3), at.strftime(fmt)))
         at += step
     return found
