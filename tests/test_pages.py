@@ -225,4 +225,15 @@ def test_the_election_page_costs_the_same_queries_for_any_history(
     Term.objects.all().delete()
     Command.objects.all().delete()
     _history(operator, terms=40)
+    election = Election.objects.get(name="billing/cluster")
+    for i in range(15):  # each drawn with its actor on the timeline and listed
+        Command.objects.create(
+            election=election,
+            kind="step-down",
+            reason=f"drill {i}",
+            requested_by=operator,
+            status=Command.Status.EXPIRED,
+            old_token=101 + i,
+            created=datetime.now(UTC) - timedelta(minutes=50 - i),
+        )
     assert cost() == few
