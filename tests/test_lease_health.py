@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.helpers import event
+from tests.helpers import event, eventually
 from tests.live import LiveDashboard, LiveViewer, create_user, frame, log_in, open_live
 
 pytestmark = pytest.mark.live
@@ -49,15 +49,34 @@ def leading(agent_id: str, ttl_left: float) -> dict[str, Any]:
     return {"state": "leader", "leader": agent_id, "token": 1, "ttl_left": ttl_left}
 
 
-async def until(check: Any, timeout: float = 10.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not so within {timeout}s: {value!r}")
-        await asyncio.sleep(0.1)
+async def led(dashboard: LiveDashboard, prefix: str, ttl_left: float) -> tuple[str, str, Any]:
+    """A new agent leading a new election, its first heartbeat sent: (agent, name, socket)."""
+    agent_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    name = f"lease/{agent_id}"
+    ws = await agent(dashboard, agent_id, [name])
+    await ws.send(json.dumps({"type": "events", "items": [event(1, name, leader=agent_id)]}))
+    await frame(ws)
+    await beat(ws, {name: leading(agent_id, ttl_left)})
+    return agent_id, name, ws
+
+
+async def watch(dashboard: LiveDashboard, session: str, name: str) -> LiveViewer:
+    """The live map filtered to ``name``, its snapshot read."""
+    viewer = LiveViewer(await open_live(dashboard, session, urllib.parse.urlencode({"q": name})))
+    await viewer.until(name)
+    return viewer
+
+
+async def close(*sockets: ClientConnection) -> None:
+    await asyncio.gather(*(ws.close() for ws in sockets))
+
+
+async def healthy_then_close(
+    dashboard: LiveDashboard, session: str, name: str, *sockets: ClientConnection
+) -> None:
+    """The API says the lease is not late; then the sockets close."""
+    assert election(dashboard, session, name)["lease"]["late"] is False
+    await close(*sockets)
 
 
 def election(dashboard: LiveDashboard, session: str, name: str) -> dict[str, Any]:
@@ -68,17 +87,11 @@ async def test_a_leader_missing_renewals_turns_lease_late_live_and_recovers(
     production_dashboard: LiveDashboard, session: str
 ) -> None:
     dashboard = production_dashboard
-    agent_id = f"late-{uuid.uuid4().hex[:6]}"
-    name = f"lease/{agent_id}"
-    ws = await agent(dashboard, agent_id, [name])
-    await ws.send(json.dumps({"type": "events", "items": [event(1, name, leader=agent_id)]}))
-    await frame(ws)
-    await beat(ws, {name: leading(agent_id, TTL - 0.5)})
-    lease = await until(lambda: election(dashboard, session, name)["lease"])
-    assert lease["late"] is False and lease["ttl"] == TTL
+    agent_id, name, ws = await led(dashboard, "late", TTL - 0.5)
+    lease = await eventually(lambda: election(dashboard, session, name)["lease"])
+    assert lease["late"] is False and lease["ttl"] == TTL  # type: ignore[index]
 
-    viewer = LiveViewer(await open_live(dashboard, session, urllib.parse.urlencode({"q": name})))
-    await viewer.until(name)  # the snapshot
+    viewer = await watch(dashboard, session, name)
     # Two renewals missed: less than a third of the TTL is left at this heartbeat.
     await beat(ws, {name: leading(agent_id, TTL / 3 - 0.5)})
     row = await viewer.until('data-testid="lease-late"', timeout=5)
@@ -94,9 +107,7 @@ async def test_a_leader_missing_renewals_turns_lease_late_live_and_recovers(
     while "row-lease-late" in text:  # frames of the late update still on their way
         text = await viewer.until(f'data-election="{name}"', timeout=5)
     assert 'data-testid="lease-late"' not in text
-    assert election(dashboard, session, name)["lease"]["late"] is False
-    await viewer.ws.close()
-    await ws.close()
+    await healthy_then_close(dashboard, session, name, viewer.ws, ws)
 
 
 async def test_renewals_that_only_renew_stay_out_of_the_way(
@@ -104,26 +115,14 @@ async def test_renewals_that_only_renew_stay_out_of_the_way(
 ) -> None:
     """A healthy leader's heartbeats are renewals: no frame for any browser, never late."""
     dashboard = production_dashboard
-    agent_id = f"calm-{uuid.uuid4().hex[:6]}"
-    name = f"lease/{agent_id}"
-    ws = await agent(dashboard, agent_id, [name])
-    await ws.send(json.dumps({"type": "events", "items": [event(1, name, leader=agent_id)]}))
-    await frame(ws)
-    await beat(ws, {name: leading(agent_id, TTL)})
-    viewer = LiveViewer(await open_live(dashboard, session, urllib.parse.urlencode({"q": name})))
-    await viewer.until(name)
-    while True:  # the snapshot may take more than one frame, and the first beat a redraw
-        try:
-            await viewer.next(timeout=1.5)
-        except TimeoutError:
-            break
+    agent_id, name, ws = await led(dashboard, "calm", TTL)
+    viewer = await watch(dashboard, session, name)
+    await viewer.drain(1.5)  # the rest of the snapshot, and the first beat's redraw
     for left in (TTL - 1, TTL - 2.5, TTL - 0.1):  # at least two thirds left each time
         await beat(ws, {name: leading(agent_id, left)})
     with pytest.raises(TimeoutError):
         await viewer.next(timeout=2)
-    assert election(dashboard, session, name)["lease"]["late"] is False
-    await viewer.ws.close()
-    await ws.close()
+    await healthy_then_close(dashboard, session, name, viewer.ws, ws)
 
 
 async def test_clock_skew_is_measured_from_heartbeats_and_flagged(
@@ -134,8 +133,7 @@ async def test_clock_skew_is_measured_from_heartbeats_and_flagged(
     name = f"skew/{fast_id}"
     fast = await agent(dashboard, fast_id, [name])
     good = await agent(dashboard, good_id, [name])
-    viewer = LiveViewer(await open_live(dashboard, session, urllib.parse.urlencode({"q": name})))
-    await viewer.until(name)
+    viewer = await watch(dashboard, session, name)
     follower = {"state": "follower", "leader": None, "token": None}
     for _ in range(3):
         await beat(fast, {name: follower}, ahead=4.0)  # this agent's clock runs 4 s ahead
@@ -149,12 +147,12 @@ async def test_clock_skew_is_measured_from_heartbeats_and_flagged(
         found = dashboard.get_json("/api/v1/agents", session)["agents"]  # type: ignore[index]
         return {a["id"]: a for a in found if a["id"] in (fast_id, good_id)}
 
-    both = await until(lambda: (a := agents()) and all(x["clock_skew"] for x in a.values()) and a)
+    both: Any = await eventually(
+        lambda: (a := agents()) and all(x["clock_skew"] for x in a.values()) and a
+    )
     assert both[fast_id]["clock_skew"] == pytest.approx(4.0, abs=0.5)
     assert both[fast_id]["clock_skewed"] is True
     assert abs(both[good_id]["clock_skew"]) < 0.5 and both[good_id]["clock_skewed"] is False
     members = {m["agent"]: m for m in election(dashboard, session, name)["members"]}
     assert members[fast_id]["clock_skew"] == pytest.approx(4.0, abs=0.5)
-    await viewer.ws.close()
-    await fast.close()
-    await good.close()
+    await close(viewer.ws, fast, good)
