@@ -185,6 +185,8 @@ ELECTORATE_AGENT_FRAME_BURST = float(env("ELECTORATE_AGENT_FRAME_BURST", "500"))
 ELECTORATE_LIVE_COALESCE = float(env("ELECTORATE_LIVE_COALESCE", "0.1"))
 #: The live map never sends a websocket frame larger than this (the server refuses 1 MiB).
 ELECTORATE_LIVE_FRAME_LIMIT = int(env("ELECTORATE_LIVE_FRAME_LIMIT", str(256 * 1024)))
+#: An election page that got no update for this long is drawn again (its timeline's "now").
+ELECTORATE_LIVE_PAGE_REDRAW = float(env("ELECTORATE_LIVE_PAGE_REDRAW", "30"))
 #: Threads (each with its own database connection) for the websockets' database work.
 ELECTORATE_DB_THREADS = int(env("ELECTORATE_DB_THREADS", "8"))
 

@@ -24,6 +24,7 @@ from tests.live import (
     hello_many,
     log_in,
     open_live,
+    start_dashboard,
 )
 from tests.test_browser import browser  # noqa: F401 - the module's Chromium
 
@@ -101,6 +102,37 @@ async def test_the_page_gets_frames_for_its_election_only(
     assert "election-terms" in text + rest and "election-members" in text + rest
     await viewer.ws.close()
     await agent.close()
+
+
+@pytest.fixture(scope="module")
+def quick_redraw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDashboard]:
+    dashboard = start_dashboard(
+        tmp_path_factory.mktemp("quick-redraw"),
+        production=False,
+        extra_env={"ELECTORATE_LIVE_PAGE_REDRAW": "2"},
+    )
+    create_user(dashboard, USER, PASSWORD)
+    yield dashboard
+    dashboard.stop()
+
+
+async def test_a_quiet_page_is_drawn_again_so_its_timeline_reaches_now(
+    quick_redraw: LiveDashboard,
+) -> None:
+    owner = f"quiet-{uuid.uuid4().hex[:6]}"
+    name = f"page/{owner}"
+    agent = await hello_many(quick_redraw, owner, [name], quick_redraw.tokens([owner])[owner])
+    await report(agent, event(1, name, token=1, leader=owner))
+    await agent.close()
+    session = log_in(quick_redraw, USER, PASSWORD)
+    viewer = LiveViewer(
+        await open_live(quick_redraw, session, live_url(quick_redraw, session, name))
+    )
+    first = "".join(await viewer.drain(0.5))
+    later = await viewer.until('data-testid="timeline"', timeout=5)
+    drawn = re.compile(r"drawn (\d\d:\d\d:\d\d) UTC")
+    assert drawn.search(later).group(1) > drawn.search(first).group(1)  # type: ignore[union-attr]
+    await viewer.ws.close()
 
 
 # Async tests run before the browser test: Playwright's sync API keeps an event loop running

@@ -51,13 +51,16 @@ SESSION_CHECK = 2.0
 CLOSE_SIGNED_OUT = 4401
 #: A browser whose oldest unacked frame is older than this is behind (seconds).
 MAX_LAG = 1.0
-#: Seconds between redraws of election pages whose election did not change: their timeline
-#: runs up to now, and a quiet election's page must not show an hour-old "now".
-PAGE_REDRAW = 30.0
 
 
 def frame_limit() -> int:
     return settings.ELECTORATE_LIVE_FRAME_LIMIT
+
+
+def page_redraw() -> float:
+    """Seconds after which a quiet election's page is drawn again: its timeline runs up to
+    now, and a page must not show an hour-old "now"."""
+    return settings.ELECTORATE_LIVE_PAGE_REDRAW
 
 
 def _kind(part: str) -> str:
@@ -115,6 +118,8 @@ class Viewer:
     unacked: deque[tuple[int, float]] = field(default_factory=deque)
     #: Updates were withheld while it was behind: it needs a snapshot once it catches up.
     skipped: bool = False
+    #: When it was last sent a frame (monotonic).
+    last_sent: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def behind(self, now: float) -> bool:
@@ -128,7 +133,8 @@ class Viewer:
         async with self.lock:
             for text in pack(parts, frame_limit()):
                 self.sent += 1
-                self.unacked.append((self.sent, time.monotonic()))
+                self.last_sent = time.monotonic()
+                self.unacked.append((self.sent, self.last_sent))
                 await self.consumer.send(text_data=text)
 
 
@@ -195,12 +201,18 @@ class LiveHub:
                         await viewer.consumer.close(code=CLOSE_SIGNED_OUT)
 
     async def _redraw_pages(self) -> None:
+        """Election pages that got nothing for ``page_redraw()`` seconds are drawn afresh."""
         while True:
-            await asyncio.sleep(PAGE_REDRAW)
-            pages = [v for v in self.viewers if isinstance(v.view, ElectionView)]
-            for viewer in pages:
-                viewer.state = None  # drawn afresh with the next render
-            if pages:
+            await asyncio.sleep(page_redraw() / 6)
+            now = time.monotonic()
+            quiet = [
+                v
+                for v in self.viewers
+                if isinstance(v.view, ElectionView) and now - v.last_sent >= page_redraw()
+            ]
+            for viewer in quiet:
+                viewer.state = None  # drawn with the next render
+            if quiet:
                 self._wake.set()
 
     # -- the channel layer ------------------------------------------------------------------
