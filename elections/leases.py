@@ -1,7 +1,8 @@
 """Lease health: is a leader renewing its lease in time?
 
-A leader renews every third of its TTL (the agents' backends default to ``ttl / 3``), so a
-healthy leader's heartbeat reports at least two thirds of the TTL left. A heartbeat that
+A leader renews every third of its TTL by default (``renew_interval`` in the agents'
+backends; PostgreSQL's ``check_interval`` may be up to half of it), so a healthy leader's
+heartbeat reports at least half of the TTL left, two thirds by default. A heartbeat that
 claims the seat with less than ``LATE_FRACTION`` of the TTL left means renewals are being
 missed: the lease is about to lapse and the election is *lease-late* (shown before the seat
 is lost and the election goes leaderless).
