@@ -178,6 +178,8 @@ ELECTORATE_TICKER = env_bool("ELECTORATE_TICKER", default=not REDIS_URL)
 ELECTORATE_AGENT_STALE_AFTER = float(env("ELECTORATE_AGENT_STALE_AFTER", "15"))
 #: An election no agent has reported for this many seconds is an orphan (the agents page).
 ELECTORATE_ORPHAN_AFTER = float(env("ELECTORATE_ORPHAN_AFTER", str(24 * 3600)))
+#: An agent whose clock is off the dashboard's by more than this (seconds) is flagged.
+ELECTORATE_CLOCK_SKEW_WARN = float(env("ELECTORATE_CLOCK_SKEW_WARN", "1"))
 #: Frames an agent may send a second on average, and in a burst, before it is disconnected.
 ELECTORATE_AGENT_FRAME_RATE = float(env("ELECTORATE_AGENT_FRAME_RATE", "50"))
 ELECTORATE_AGENT_FRAME_BURST = float(env("ELECTORATE_AGENT_FRAME_BURST", "500"))
@@ -185,6 +187,8 @@ ELECTORATE_AGENT_FRAME_BURST = float(env("ELECTORATE_AGENT_FRAME_BURST", "500"))
 ELECTORATE_LIVE_COALESCE = float(env("ELECTORATE_LIVE_COALESCE", "0.1"))
 #: The live map never sends a websocket frame larger than this (the server refuses 1 MiB).
 ELECTORATE_LIVE_FRAME_LIMIT = int(env("ELECTORATE_LIVE_FRAME_LIMIT", str(256 * 1024)))
+#: An election page that got no update for this long is drawn again (its timeline's "now").
+ELECTORATE_LIVE_PAGE_REDRAW = float(env("ELECTORATE_LIVE_PAGE_REDRAW", "30"))
 #: Threads (each with its own database connection) for the websockets' database work.
 ELECTORATE_DB_THREADS = int(env("ELECTORATE_DB_THREADS", "8"))
 #: Failover gaps: the window of an election's statistics (seconds), and the recovery-time

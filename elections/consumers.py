@@ -17,7 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 import protocol
-from elections import actions, commands, heartbeats, tokens
+from elections import actions, clock, commands, heartbeats, tokens
 from elections.broadcast import agent_group
 from elections.db import run_db
 from elections.ingest import Frame
@@ -35,6 +35,8 @@ class AgentConsumer(BaseConsumer):
     session = ""
     greeted = False
     errors = 0
+    #: This agent's clock skew, smoothed over this socket's heartbeats (``elections.clock``).
+    skew: float | None = None
 
     async def connect(self) -> None:
         self.members: dict[str, heartbeats.Member] = {}
@@ -140,8 +142,11 @@ class AgentConsumer(BaseConsumer):
         assert self.agent_id is not None
         now = timezone.now()
         changed, renewed = heartbeats.rows(self.members, frame, now)
+        before, self.skew = self.skew, clock.smooth(self.skew, clock.sample(frame.at, now))
         buffer = liveness()
-        buffer.seen(self.agent_id, self.session, now)
+        # Crossing the skew threshold redraws the agent's elections (the flush announces it).
+        flipped = clock.skewed(before) != clock.skewed(self.skew)
+        buffer.seen(self.agent_id, self.session, now, self.skew, flipped)
         for row in renewed:
             buffer.lease(row.member_id, row.election_id, row.lease_expires, row.claims)
         if changed:
@@ -149,6 +154,7 @@ class AgentConsumer(BaseConsumer):
             by_id = {m.id: m for m in self.members.values()}
             for row in changed:
                 by_id[row.member_id].view = row.view
+                by_id[row.member_id].late = row.late
 
     async def _reject(self, exc: protocol.ProtocolError) -> None:
         self.errors += 1

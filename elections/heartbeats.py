@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 import protocol
-from elections import statuses, terms
+from elections import leases, statuses, terms
 from elections.broadcast import elections_changed
 from elections.models import Agent, Membership
 from elections.sql import update_from_values
@@ -38,6 +38,9 @@ class Member:
     id: int
     election_id: int
     view: View | None
+    #: The election's TTL, and whether the stored lease is late (``elections.leases``).
+    ttl: float = 0.0
+    late: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Row:
     election_id: int
     view: View
     lease_expires: datetime | None
+    late: bool = False
 
     @property
     def claims(self) -> bool:
@@ -57,10 +61,19 @@ class Row:
 def members_of(agent_id: str) -> dict[str, Member]:
     """Every membership of an agent, by election name (one query)."""
     return {
-        name: Member(pk, election_id, View(state, leader, token))
-        for pk, election_id, name, state, leader, token in Membership.objects.filter(
+        name: Member(pk, election_id, View(state, leader, token), ttl, late)
+        for pk, election_id, name, state, leader, token, ttl, late in Membership.objects.filter(
             agent_id=agent_id
-        ).values_list("pk", "election_id", "election__name", "state", "sees_leader", "sees_token")
+        ).values_list(
+            "pk",
+            "election_id",
+            "election__name",
+            "state",
+            "sees_leader",
+            "sees_token",
+            "election__ttl",
+            "lease_late",
+        )
     }
 
 
@@ -69,6 +82,8 @@ def rows(
 ) -> tuple[list[Row], list[Row]]:
     """Split a heartbeat into the rows whose view changed and the rows that only renew.
 
+    A lease turning late (or healthy again) counts as a change: it is written at once and
+    shown, while mere renewals wait for the liveness flush.
     Elections the agent reports but is not a member of are left out (a hello registers them).
     """
     changed, renewed = [], []
@@ -77,10 +92,11 @@ def rows(
         if member is None:
             continue
         expires = now + timedelta(seconds=seen.ttl_left) if seen.ttl_left is not None else None
-        row = Row(
-            member.id, member.election_id, View(seen.state, seen.leader or "", seen.token), expires
-        )
-        (renewed if row.view == member.view else changed).append(row)
+        view = View(seen.state, seen.leader or "", seen.token)
+        late = leases.late(view.state == Membership.State.LEADER, seen.ttl_left, member.ttl)
+        row = Row(member.id, member.election_id, view, expires, late)
+        same = row.view == member.view and late == member.late
+        (renewed if same else changed).append(row)
     return changed, renewed
 
 
@@ -94,9 +110,9 @@ def write_views(agent_id: str, changed: list[Row], renewed: list[Row] = ()) -> l
     update_from_values(
         Membership,
         ["id"],
-        ["state", "sees_leader", "sees_token", "lease_expires", "reported"],
+        ["state", "sees_leader", "sees_token", "lease_expires", "lease_late", "reported"],
         [
-            (r.member_id, r.view.state, r.view.leader, r.view.token, r.lease_expires, now)
+            (r.member_id, r.view.state, r.view.leader, r.view.token, r.lease_expires, r.late, now)
             for r in changed
         ],
     )

@@ -35,12 +35,23 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY = 1.0
 
 
+@dataclass(frozen=True)
+class Seen:
+    """An agent's last heartbeat: its session, when, and its clock skew (``elections.clock``)."""
+
+    session: str
+    at: datetime
+    skew: float | None = None
+    #: The skew crossed the warning threshold since the last flush: redraw its elections.
+    skew_flipped: bool = False
+
+
 @dataclass
 class Pending:
     """What was seen since the last flush."""
 
-    #: agent id -> (session, last seen)
-    seen: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    #: agent id -> its last heartbeat
+    seen: dict[str, Seen] = field(default_factory=dict)
     #: membership id -> (election id, lease expiry, claims the seat)
     leases: dict[int, tuple[int, datetime | None, bool]] = field(default_factory=dict)
 
@@ -54,8 +65,17 @@ class Liveness:
     def __init__(self) -> None:
         self.pending = Pending()
 
-    def seen(self, agent_id: str, session: str, at: datetime) -> None:
-        self.pending.seen[agent_id] = (session, at)
+    def seen(
+        self,
+        agent_id: str,
+        session: str,
+        at: datetime,
+        skew: float | None = None,
+        skew_flipped: bool = False,
+    ) -> None:
+        self.pending.seen[agent_id] = _merge(
+            self.pending.seen.get(agent_id), Seen(session, at, skew, skew_flipped)
+        )
 
     def lease(
         self, member_id: int, election_id: int, expires: datetime | None, claims: bool
@@ -72,6 +92,13 @@ class Liveness:
         return pending
 
 
+def _merge(older: Seen | None, newer: Seen) -> Seen:
+    """The newer sighting, remembering a threshold crossing the older one had to announce."""
+    if older is not None and older.skew_flipped and not newer.skew_flipped:
+        return Seen(newer.session, newer.at, newer.skew, True)
+    return newer
+
+
 def flush(pending: Pending) -> list[int]:
     """Write what was seen; return the elections whose status changed."""
     with transaction.atomic():
@@ -86,13 +113,20 @@ def _flush(pending: Pending) -> list[int]:
         for agent_id, session in Agent.objects.filter(pk__in=ids, connected=False).values_list(
             "pk", "session"
         )
-        if session and session == pending.seen[agent_id][0]
+        if session and session == pending.seen[agent_id].session
     ]
+    seen = [(a, pending.seen[a]) for a in ids]
     update_from_values(
         Agent,
         ["id", "session"],
+        ["last_seen", "connected", "clock_skew"],
+        [(a, s.session, s.at, True, s.skew) for a, s in seen if s.skew is not None],
+    )
+    update_from_values(  # sightings without a skew sample (none yet) keep the stored one
+        Agent,
+        ["id", "session"],
         ["last_seen", "connected"],
-        [(a, pending.seen[a][0], pending.seen[a][1], True) for a in ids],
+        [(a, s.session, s.at, True) for a, s in seen if s.skew is None],
     )
     # The same statement notes that each agent still reports these elections (zombies).
     now = timezone.now()
@@ -108,9 +142,11 @@ def _flush(pending: Pending) -> list[int]:
     claims = {election_id for election_id, _, claims in pending.leases.values() if claims}
     suspects = _disagreeing(claims) if claims else set()
     back: set[int] = set()
-    if revived:
+    # Rare too: agents that came back, or whose clock skew crossed the warning threshold.
+    redraw = revived + [a for a, s in seen if s.skew_flipped]
+    if redraw:
         back = set(
-            Membership.objects.filter(agent_id__in=revived).values_list("election_id", flat=True)
+            Membership.objects.filter(agent_id__in=redraw).values_list("election_id", flat=True)
         )
     flipped = statuses.refresh(suspects | back) if suspects | back else []
     elections_changed(back | set(flipped))
@@ -152,7 +188,8 @@ class Flusher:
                 # The database is away: keep the newest of what was seen for the next try.
                 log.exception("could not write agents' liveness; retrying")
                 newer = self.liveness.take()
-                pending.seen.update(newer.seen)
+                for agent_id, seen in newer.seen.items():
+                    pending.seen[agent_id] = _merge(pending.seen.get(agent_id), seen)
                 pending.leases.update(newer.leases)
                 self.liveness.pending = pending
 

@@ -44,6 +44,9 @@ class Agent(models.Model):
     #: When an operator forgot this offline agent (hidden from the agents page; its next
     #: hello brings it back). The row stays: terms name their leaders.
     forgotten = models.DateTimeField(null=True, blank=True)
+    #: Seconds the agent's clock is ahead of the dashboard's (negative: behind), smoothed over
+    #: its heartbeats (``elections.clock``); None until one arrived. Network delay counts in.
+    clock_skew = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -132,6 +135,9 @@ class Membership(models.Model):
     #: When the agent last listed this election in a heartbeat (written with the lease, in
     #: the same statement): a connected agent that stops listing it leaves a zombie.
     reported = models.DateTimeField(null=True, blank=True)
+    #: The agent's last heartbeat claimed the seat with less than a third of the TTL left:
+    #: renewals are being missed (``elections.leases``). Written only when it flips.
+    lease_late = models.BooleanField(default=False)
     #: Agent time of the last transition applied (None: none yet).
     changed = models.DateTimeField(null=True, blank=True)
     priority = models.IntegerField(default=0)

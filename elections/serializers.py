@@ -10,7 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from elections.models import Agent, AuditEntry, Command, Election, Term
+from elections import clock, leases
+from elections.models import Agent, AuditEntry, Command, Election, Membership, Term
 
 if TYPE_CHECKING:
     from elections.commands import DryRun
@@ -20,8 +21,22 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def lease_json(e: Election, members: list[Membership]) -> dict[str, Any] | None:
+    """The leader's lease as its last heartbeat reported it (None: no leader claiming)."""
+    m = next((m for m in members if m.agent_id == e.leader_id), None)
+    if m is None or m.state != Membership.State.LEADER or m.lease_expires is None:
+        return None
+    return {
+        "expires": iso(m.lease_expires),
+        "renewed": iso(leases.renewed_at(m.lease_expires, e.ttl)),
+        "ttl": e.ttl,
+        "late": m.lease_late and not e.leader_unverified(),
+    }
+
+
 def election_json(e: Election) -> dict[str, Any]:
     """Expects ``leader`` selected and ``memberships__agent`` prefetched (the map's query)."""
+    members = list(e.memberships.all())
     return {
         "name": e.name,
         "backend": e.backend,
@@ -43,9 +58,15 @@ def election_json(e: Election) -> dict[str, Any]:
         "paused_until": iso(e.paused_until),
         "flapping": e.flapping_since is not None,
         "flapping_since": iso(e.flapping_since),
+        "lease": lease_json(e, members),
         "members": [
-            {"agent": m.agent_id, "state": m.state, "connected": m.agent.connected}
-            for m in e.memberships.all()
+            {
+                "agent": m.agent_id,
+                "state": m.state,
+                "connected": m.agent.connected,
+                "clock_skew": m.agent.clock_skew,
+            }
+            for m in members
         ],
     }
 
@@ -69,6 +90,8 @@ def agent_json(a: Agent) -> dict[str, Any]:
         "version": a.version,
         "last_seen": iso(a.last_seen),
         "last_seq": a.last_seq,
+        "clock_skew": a.clock_skew,
+        "clock_skewed": clock.skewed(a.clock_skew),
     }
 
 

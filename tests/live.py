@@ -398,6 +398,15 @@ class LiveViewer:
     async def ack(self) -> None:
         await self.ws.send(json.dumps({"ack": self.applied}))
 
+    async def drain(self, quiet: float = 1.0) -> list[str]:
+        """Read (and ack) frames until none comes for ``quiet`` seconds."""
+        frames = []
+        while True:
+            try:
+                frames.append(await self.next(timeout=quiet))
+            except TimeoutError:
+                return frames
+
     async def until(self, wanted: str, timeout: float = 10) -> str:
         """Read (and ack) frames until one contains ``wanted``."""
         deadline = asyncio.get_running_loop().time() + timeout

@@ -230,3 +230,19 @@ def test_an_operator_forgets_an_offline_agent_which_a_hello_brings_back(operator
     assert (entry.actor, entry.target, entry.detail["memberships"]) == ("oncall", "off", 1)
     actions.register_agent(hello("off", "e/1"), session="s3")
     assert 'data-agent="off"' in operator.get("/agents/").content.decode()
+
+
+def test_clock_skew_is_shown_and_flagged_past_the_warning(sre: Client) -> None:
+    for agent, skew in (("calm", 0.2), ("drifting", -4.0), ("new", None)):
+        actions.register_agent(hello(agent))
+        Agent.objects.filter(pk=agent).update(clock_skew=skew)
+    listing = sre.get("/agents/").content.decode()
+
+    def cell(agent: str) -> str:
+        return listing.split(f'data-agent="{agent}"')[1].split("</tr>")[0]
+
+    assert "+0.200 s" in cell("calm") and 'data-testid="skewed"' not in cell("calm")
+    assert "-4.000 s" in cell("drifting") and 'data-testid="skewed"' in cell("drifting")
+    assert "—" in cell("new")
+    assert 'data-testid="skewed"' in agent_page(sre, "drifting")
+    assert 'data-testid="skewed"' not in agent_page(sre, "calm")

@@ -107,3 +107,44 @@ def test_renewals_alone_can_reveal_a_split_brain() -> None:
     buffer.lease(member.pk, member.election_id, timezone.now() + timedelta(seconds=5), True)
     assert liveness.flush(buffer.take()) == [member.election_id]
     assert Election.objects.get().status == "split-brain"
+
+
+def test_a_lease_turning_late_is_a_change_and_staying_late_a_renewal() -> None:
+    session = actions.register_agent(hello("a", "e/1"))  # ttl 1 s: late below a third
+    now = timezone.now()
+    changed, _ = heartbeats.rows(session.members, beat(e_1=leading("a", ttl_left=0.9)), now)
+    heartbeats.write_views("a", changed)
+    members = heartbeats.members_of("a")
+    assert not Membership.objects.get().lease_late
+    late, renewed = heartbeats.rows(members, beat(e_1=leading("a", ttl_left=0.3)), now)
+    assert [r.late for r in late] == [True] and renewed == []
+    heartbeats.write_views("a", late)
+    assert Membership.objects.get().lease_late
+    members = heartbeats.members_of("a")
+    again, renewed = heartbeats.rows(members, beat(e_1=leading("a", ttl_left=0.2)), now)
+    assert again == [] and [r.late for r in renewed] == [True]
+    # A follower's lease is nobody's concern: never late.
+    changed, _ = heartbeats.rows(members, beat(e_1=following("b")), now)
+    assert [r.late for r in changed] == [False]
+
+
+def test_clock_skew_is_written_by_the_flush_with_the_same_statements() -> None:
+    for i in range(100):
+        actions.register_agent(hello(f"a{i}", "e/1"), session=f"s{i}")
+    now = timezone.now()
+
+    def cost(agents: list[str]) -> int:
+        buffer = liveness.Liveness()
+        for agent in agents:
+            buffer.seen(agent, f"s{agent[1:]}", now, skew=int(agent[1:]) / 10)
+        with CaptureQueriesContext(connection) as queries:
+            liveness.flush(buffer.take())
+        return len(queries.captured_queries)
+
+    assert cost(["a0"]) == cost([f"a{i}" for i in range(100)])
+    assert Agent.objects.get(pk="a42").clock_skew == pytest.approx(4.2)
+    # A crossing of the threshold is kept until flushed, even if a later beat did not cross.
+    buffer = liveness.Liveness()
+    buffer.seen("a1", "s1", now, skew=1.5, skew_flipped=True)
+    buffer.seen("a1", "s1", now, skew=1.6)
+    assert buffer.take().seen["a1"].skew_flipped

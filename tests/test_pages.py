@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 import protocol
 from elections import actions
+from elections.models import Command, Election, Term
+from tests.helpers import event, hello
 
 pytestmark = pytest.mark.django_db
 
@@ -131,3 +137,97 @@ def test_the_elections_api_pages_with_a_cursor_and_reports_the_total(sre: Client
     assert sre.get("/api/v1/elections", {"limit": 0}).status_code == 400
     filtered = sre.get("/api/v1/elections", {"q": "svc/00", "limit": 2}).json()
     assert filtered["total"] == 7 and len(filtered["elections"]) == 2
+
+
+def _history(operator: Any, terms: int) -> None:
+    """billing/cluster led by a, then b and a in turn ``terms`` times, with a gap before the
+    last one, and a step-down by ``operator`` ending the first term."""
+    now = datetime.now(UTC)
+    start = now - timedelta(hours=2)
+    actions.register_agent(hello("a", "billing/cluster"))
+    actions.register_agent(hello("b", "billing/cluster"))
+    seqs = {"a": 0, "b": 0}
+
+    def report(agent: str, to: str, token: int, when: datetime, **extra: Any) -> None:
+        seqs[agent] += 1
+        item = event(seqs[agent], "billing/cluster", to=to, token=token, at=when, **extra)
+        if to != "leader":
+            item["from"] = "leader"
+        actions.ingest_events(agent, [protocol.Event.model_validate(item)])
+
+    report("a", "leader", 100, start, leader="a")
+    Command.objects.create(
+        election=Election.objects.get(name="billing/cluster"),
+        kind="step-down",
+        reason="kernel upgrade",
+        requested_by=operator,
+        status=Command.Status.DONE,
+        old_token=100,
+        created=start + timedelta(minutes=9),
+        sent_at=start + timedelta(minutes=9),
+    )
+    report("a", "follower", 100, start + timedelta(minutes=10), reason="forced")
+    step = timedelta(minutes=60) / terms
+    when = start + timedelta(minutes=10, seconds=2)
+    for i in range(terms):
+        agent = "ab"[(i + 1) % 2]
+        report(agent, "leader", 101 + i, when, leader=agent)
+        if i < terms - 1:
+            report(agent, "follower", 101 + i, when + step, reason="resigned")
+            when += step
+            if i == terms - 2:
+                when += timedelta(minutes=5)  # five minutes without a leader
+
+
+def test_the_election_page_draws_terms_gaps_and_who_stepped_the_leader_down(
+    sre: Client, django_user_model: Any
+) -> None:
+    _history(django_user_model.objects.get(username="sre"), terms=3)
+    page = sre.get("/elections/billing/cluster/").content.decode()
+    assert 'ws-connect="/ws/live/?election=' in page
+    chart = page[page.index('data-testid="timeline"') : page.index("</svg>")]
+    segments = re.findall(r'<g class="seg (\w+)[^"]*"[^>]*data-leader="([^"]*)"', chart)
+    assert segments == [
+        ("unknown", ""),  # before its first term
+        ("term", "a"),
+        ("gap", ""),  # two seconds after the step-down
+        ("term", "b"),
+        ("term", "a"),  # a resign taken over at once: no gap
+        ("gap", ""),  # the five minutes nobody led
+        ("term", "b"),
+    ]
+    assert 'data-end-reason="forced" data-actor="sre"' in chart
+    assert "ended: forced, step-down by sre" in chart
+    assert re.search(r'<g class="marker status-done"[^>]*data-actor="sre">', chart)
+    assert "no leader from" in chart
+
+
+def test_the_election_page_costs_the_same_queries_for_any_history(
+    sre: Client, django_user_model: Any
+) -> None:
+    operator = django_user_model.objects.get(username="sre")
+
+    def cost() -> int:
+        with CaptureQueriesContext(connection) as queries:
+            assert sre.get("/elections/billing/cluster/").status_code == 200
+        return len(queries.captured_queries)
+
+    _history(operator, terms=2)
+    few = cost()
+    for i in range(30):
+        actions.register_agent(hello(f"m{i}", "billing/cluster"))
+    Term.objects.all().delete()
+    Command.objects.all().delete()
+    _history(operator, terms=40)
+    election = Election.objects.get(name="billing/cluster")
+    for i in range(15):  # each drawn with its actor on the timeline and listed
+        Command.objects.create(
+            election=election,
+            kind="step-down",
+            reason=f"drill {i}",
+            requested_by=operator,
+            status=Command.Status.EXPIRED,
+            old_token=101 + i,
+            created=datetime.now(UTC) - timedelta(minutes=50 - i),
+        )
+    assert cost() == few

@@ -8,7 +8,6 @@ zombie counts computed in the same query; an agent's page is one query for its m
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -19,7 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from dashboard.auth import client_ip
-from elections import forget
+from elections import clock, forget
 from elections.models import Agent, Election, Membership
 from elections.permissions import Refused, can_operate
 from elections.zombies import orphans, with_zombie_flag, zombie_q
@@ -29,17 +28,11 @@ PAGE_SIZE = 100
 ORPHANS_SHOWN = 50
 
 
-def skew_text(agent: Agent) -> str:
-    """The agent's clock skew against the dashboard, where the model records one."""
-    skew = getattr(agent, "clock_skew", None)
-    if skew is None:
-        return ""
-    seconds = skew.total_seconds() if isinstance(skew, timedelta) else float(skew)
-    return f"{seconds:+.3f} s"
-
-
-def has_skew() -> bool:
-    return any(f.name == "clock_skew" for f in Agent._meta.get_fields())
+def skew_of(agent: Agent) -> tuple[str, bool]:
+    """The agent's clock skew against the dashboard as text, and whether it is flagged."""
+    if agent.clock_skew is None:
+        return "", False
+    return f"{agent.clock_skew:+.3f} s", clock.skewed(agent.clock_skew)
 
 
 @login_required
@@ -55,7 +48,7 @@ def agent_list(request: HttpRequest) -> HttpResponse:
     )
     paginator = Paginator(agents, PAGE_SIZE)
     page = paginator.get_page(request.GET.get("page"))
-    rows = [(a, skew_text(a)) for a in page.object_list]
+    rows = [(a, *skew_of(a)) for a in page.object_list]
     orphan_list = list(orphans(now).values_list("name", "backend", "last_report")[:ORPHANS_SHOWN])
     first = (page.number - 1) * PAGE_SIZE + 1
     return render(
@@ -63,7 +56,6 @@ def agent_list(request: HttpRequest) -> HttpResponse:
         "agents/list.html",
         {
             "rows": rows,
-            "show_skew": has_skew(),
             "pager": {
                 "first": first if rows else 0,
                 "last": first + len(rows) - 1,
@@ -95,8 +87,7 @@ def agent_detail(request: HttpRequest, agent_id: str) -> HttpResponse:
         "agents/detail.html",
         {
             "a": agent,
-            "skew": skew_text(agent),
-            "show_skew": has_skew(),
+            "skew": skew_of(agent),
             "members": members,
             "zombies": sum(1 for m in members if m.zombie),
             "can_operate": can_operate(request.user),

@@ -1,4 +1,5 @@
-"""The browser's live websocket (``/ws/live/``): joins the process's live hub.
+"""The browser's live websocket (``/ws/live/``): joins the process's live hub, for the map
+(its filter and page in the query) or one election's page (``?election=<id>``).
 
 Thin: the hub (``dashboard.live``) renders and sends; the page only acks the frames it has
 applied (``{"ack": N}``), which is how the hub knows a browser has fallen behind.
@@ -10,6 +11,7 @@ import json
 
 from django.http import QueryDict
 
+from dashboard.web.electionpage import ElectionView
 from dashboard.web.leadermap import MapView
 from dashboard.web.live import Viewer, hub
 from elections.websocket import BaseConsumer
@@ -25,7 +27,8 @@ class LiveConsumer(BaseConsumer):
             return
         query = QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
         await self.accept()
-        self.viewer = hub().join(self, MapView.from_query(query))
+        view = ElectionView.from_query(query) if "election" in query else None
+        self.viewer = hub().join(self, view or MapView.from_query(query))
 
     async def disconnect(self, code: int) -> None:
         if self.viewer is not None:

@@ -22,7 +22,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import quote, urlencode
 
-from django.db.models import Case, Count, IntegerField, Prefetch, Q, QuerySet, Value, When
+from django.db.models import (
+    Case,
+    Count,
+    Exists,
+    IntegerField,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Value,
+    When,
+)
 from django.db.models.fields.json import KeyTextTransform
 from django.http import QueryDict
 from django.template.loader import render_to_string
@@ -30,6 +41,7 @@ from django.urls import get_script_prefix, reverse
 from django.utils import timezone
 from django.utils.http import RFC3986_SUBDELIMS
 
+from elections import clock, leases
 from elections.models import Agent, Command, Election, Membership
 
 ACTIVE = (Command.Status.SCHEDULED, *Command.IN_FLIGHT)
@@ -40,16 +52,33 @@ GROUP_LIMIT = 30
 MEMBERS_SHOWN = 8
 LABELS_SHOWN = 4
 #: The map's status filter: the stored statuses, "unverified" (a leader not connected) and
-#: "flapping" (elections.flapping; a flag beside the status, not a status).
-STATUSES = (*Election.Status.values, "unverified", "flapping")
+#: "flapping" (elections.flapping; a flag beside the status, not a status) and "lease-late"
+#: (a connected leader missing its renewals).
+STATUSES = (*Election.Status.values, "unverified", "lease-late", "flapping")
 
 SPLIT, LEADERLESS = Election.Status.SPLIT_BRAIN, Election.Status.LEADERLESS
 UNVERIFIED = Q(leader__isnull=False, leader__connected=False)
+#: The leader's last heartbeat reported less than a third of its TTL left (elections.leases);
+#: only for a led election whose leader is connected, so each state means one thing.
+LEASE_LATE = (
+    Q(
+        Exists(
+            Membership.objects.filter(
+                election_id=OuterRef("pk"),
+                agent_id=OuterRef("leader_id"),
+                state=Membership.State.LEADER,
+                lease_late=True,
+            )
+        )
+    )
+    & Q(status=Election.Status.LED)
+    & ~UNVERIFIED
+)
 #: A leader claim held as suspect (elections.terms) needs a look too.
 HELD = Q(suspect_token__isnull=False)
 #: A seat changing hands too often (elections.flapping) too.
 FLAPPING = Q(flapping_since__isnull=False)
-PROBLEM = Q(status__in=[SPLIT, LEADERLESS]) | UNVERIFIED | HELD | FLAPPING
+PROBLEM = Q(status__in=[SPLIT, LEADERLESS]) | UNVERIFIED | LEASE_LATE | HELD | FLAPPING
 
 
 @dataclass(frozen=True)
@@ -75,6 +104,8 @@ class MapFilter:
             elections = elections.filter(UNVERIFIED)
         elif self.status == "flapping":
             elections = elections.filter(FLAPPING)
+        elif self.status == "lease-late":
+            elections = elections.filter(LEASE_LATE)
         elif self.status:
             elections = elections.filter(status=self.status)
         if self.q:
@@ -147,7 +178,8 @@ def severity() -> Case:
         When(status=SPLIT, then=Value(0)),
         When(status=LEADERLESS, then=Value(1)),
         When(UNVERIFIED, then=Value(2)),
-        default=Value(3),
+        When(LEASE_LATE, then=Value(3)),
+        default=Value(4),
         output_field=IntegerField(),
     )
 
@@ -180,6 +212,7 @@ def summary() -> dict[str, int]:
         split=Count("pk", filter=Q(status=SPLIT)),
         unverified=Count("pk", filter=UNVERIFIED),
         flapping=Count("pk", filter=FLAPPING),
+        lease_late=Count("pk", filter=LEASE_LATE),
     )
     agents = Agent.objects.aggregate(
         total=Count("pk"), connected=Count("pk", filter=Q(connected=True))
@@ -196,13 +229,19 @@ def groups(flt: MapFilter) -> tuple[list[dict[str, object]], int]:
         .values("cluster", "backend")
         .annotate(
             total=Count("pk"),
-            led=Count("pk", filter=Q(status=Election.Status.LED) & ~UNVERIFIED),
+            led=Count("pk", filter=Q(status=Election.Status.LED) & ~UNVERIFIED & ~LEASE_LATE),
             leaderless=Count("pk", filter=Q(status=LEADERLESS)),
             split=Count("pk", filter=Q(status=SPLIT)),
             unverified=Count("pk", filter=UNVERIFIED & Q(status=Election.Status.LED)),
+            lease_late=Count("pk", filter=LEASE_LATE),
         )
     )
-    rows.sort(key=lambda r: (-(r["split"] + r["leaderless"] + r["unverified"]), -r["total"]))
+    rows.sort(
+        key=lambda r: (
+            -(r["split"] + r["leaderless"] + r["unverified"] + r["lease_late"]),
+            -r["total"],
+        )
+    )
     for row in rows:
         params = {**flt.params(), "backend": row["backend"]}
         if row["cluster"]:
@@ -229,9 +268,26 @@ def election_url(view: str, name: str) -> str:
     return before + quote(name, safe=RFC3986_SUBDELIMS + "/~:@") + after
 
 
+def lease_health(election: Election, leader: Membership | None) -> dict[str, object]:
+    """The leader's lease as a row shows it: expiry, last renewal, and whether it is late."""
+    unverified = election.leader_unverified()
+    claims = leader is not None and leader.state == Membership.State.LEADER
+    return {
+        "unverified": unverified,
+        "lease_expires": leader.lease_expires if leader else None,
+        "lease_renewed": leases.renewed_at(leader.lease_expires, election.ttl) if claims else None,
+        "lease_late": claims
+        and leader.lease_late
+        and election.status == Election.Status.LED
+        and not unverified,
+    }
+
+
 def row_context(election: Election) -> dict[str, object]:
     members = list(election.memberships.all())
     leader_membership = next((m for m in members if m.agent_id == election.leader_id), None)
+    for m in members:
+        m.skewed = clock.skewed(m.agent.clock_skew)
     # The leader first, then members whose agent is away, then the rest: what matters at 3 a.m.
     members.sort(key=lambda m: (m.agent_id != election.leader_id, m.agent.connected, m.agent_id))
     labels = list(election.labels.items()) if isinstance(election.labels, dict) else []
@@ -243,8 +299,9 @@ def row_context(election: Election) -> dict[str, object]:
         "more_labels": max(0, len(labels) - LABELS_SHOWN),
         "members": members[:MEMBERS_SHOWN],
         "more_members": max(0, len(members) - MEMBERS_SHOWN),
-        "unverified": election.leader_unverified(),
-        "lease_expires": leader_membership.lease_expires if leader_membership else None,
+        "leader_skewed": leader_membership is not None and leader_membership.skewed,
+        "leader_skew": leader_membership.agent.clock_skew if leader_membership else None,
+        **lease_health(election, leader_membership),
     }
 
 

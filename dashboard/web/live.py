@@ -1,4 +1,5 @@
-"""The live map over ``/ws/live/``: one hub per server process, shared by its browsers.
+"""The live map and election pages over ``/ws/live/``: one hub per server process, shared by
+its browsers.
 
 - The hub alone listens to the channel layer's ``fleet`` group (one channel per process, not
   one per browser) and renders what changed once per distinct view, on the database pool;
@@ -13,6 +14,9 @@
   updates, and once it catches up it gets one fresh snapshot instead of the backlog.
 - Changes may be lost when the channel layer is away (Redis restarting): the hub re-joins
   its group (``elections.layer``), and every browser then gets a fresh snapshot.
+- An election page (``?election=<id>``) gets frames only when that election changed: the hub
+  filters the changes it hears, so a busy fleet costs such a page nothing, and each changed
+  election's page is rendered once (``electionpage``) for every browser showing it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from dashboard.web import leadermap
+from dashboard.web import electionpage, leadermap
+from dashboard.web.electionpage import ElectionView
 from dashboard.web.leadermap import MapView, Rendered, ViewState
 from elections import layer as elections_layer
 from elections.broadcast import FLEET_GROUP
@@ -50,6 +55,12 @@ MAX_LAG = 1.0
 
 def frame_limit() -> int:
     return settings.ELECTORATE_LIVE_FRAME_LIMIT
+
+
+def page_redraw() -> float:
+    """Seconds after which a quiet election's page is drawn again: its timeline runs up to
+    now, and a page must not show an hour-old "now"."""
+    return settings.ELECTORATE_LIVE_PAGE_REDRAW
 
 
 def _kind(part: str) -> str:
@@ -100,13 +111,15 @@ class Viewer:
     """One browser: what it shows and how far it is behind."""
 
     consumer: AsyncWebsocketConsumer
-    view: MapView
+    view: MapView | ElectionView
     state: ViewState | None = None  # None: needs a snapshot
     sent: int = 0
     #: (frame number, when sent) of frames not acked yet, oldest first.
     unacked: deque[tuple[int, float]] = field(default_factory=deque)
     #: Updates were withheld while it was behind: it needs a snapshot once it catches up.
     skipped: bool = False
+    #: When it was last sent a frame (monotonic).
+    last_sent: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def behind(self, now: float) -> bool:
@@ -120,7 +133,8 @@ class Viewer:
         async with self.lock:
             for text in pack(parts, frame_limit()):
                 self.sent += 1
-                self.unacked.append((self.sent, time.monotonic()))
+                self.last_sent = time.monotonic()
+                self.unacked.append((self.sent, self.last_sent))
                 await self.consumer.send(text_data=text)
 
 
@@ -138,11 +152,12 @@ class LiveHub:
                 loop.create_task(self._listen(), name="live listen"),
                 loop.create_task(self._render_loop(), name="live render"),
                 loop.create_task(self._check_sessions(), name="live sessions"),
+                loop.create_task(self._redraw_pages(), name="live pages"),
             ]
 
     # -- browsers -------------------------------------------------------------------------
 
-    def join(self, consumer: AsyncWebsocketConsumer, view: MapView) -> Viewer:
+    def join(self, consumer: AsyncWebsocketConsumer, view: MapView | ElectionView) -> Viewer:
         self._start()
         viewer = Viewer(consumer, view)
         self.viewers.add(viewer)
@@ -184,6 +199,21 @@ class LiveHub:
                     self.leave(viewer)
                     with contextlib.suppress(Exception):
                         await viewer.consumer.close(code=CLOSE_SIGNED_OUT)
+
+    async def _redraw_pages(self) -> None:
+        """Election pages that got nothing for ``page_redraw()`` seconds are drawn afresh."""
+        while True:
+            await asyncio.sleep(page_redraw() / 6)
+            now = time.monotonic()
+            quiet = [
+                v
+                for v in self.viewers
+                if isinstance(v.view, ElectionView) and now - v.last_sent >= page_redraw()
+            ]
+            for viewer in quiet:
+                viewer.state = None  # drawn with the next render
+            if quiet:
+                self._wake.set()
 
     # -- the channel layer ------------------------------------------------------------------
 
@@ -240,16 +270,25 @@ class LiveHub:
                 viewer.skipped = True  # no more updates until it catches up
             else:
                 viewers.append(viewer)
-        fresh = {v.view for v in viewers if v.state is None}
-        targets = {(v.view, v.state) for v in viewers if v.state is not None} if changed else set()
-        if not fresh and not targets:
+        maps = [v for v in viewers if isinstance(v.view, MapView)]
+        fresh = {v.view for v in maps if v.state is None}
+        targets = {(v.view, v.state) for v in maps if v.state is not None} if changed else set()
+        # Election pages: only those whose election changed, and new ones.
+        pages = {
+            v.view
+            for v in viewers
+            if isinstance(v.view, ElectionView) and (v.state is None or v.view.pk in changed)
+        }
+        if not fresh and not targets and not pages:
             return
-        snapshots, updates = await run_db(_render, fresh, targets, changed)
+        snapshots, updates, drawn = await run_db(_render, fresh, targets, changed, pages)
         sends = []
         for viewer in viewers:
             if viewer not in self.viewers:
                 continue  # left meanwhile
-            if viewer.state is None:
+            if isinstance(viewer.view, ElectionView):
+                rendered = drawn.get(viewer.view)
+            elif viewer.state is None:
                 rendered = snapshots.get(viewer.view)
             else:
                 rendered = updates.get((viewer.view, viewer.state))
@@ -282,11 +321,17 @@ def _still_allowed(sessions: set[str], users: set[int]) -> tuple[set[str], set[i
 
 
 def _render(
-    fresh: set[MapView], targets: set[tuple[MapView, ViewState]], changed: set[int]
-) -> tuple[dict[MapView, Rendered], dict[tuple[MapView, ViewState], Rendered]]:
+    fresh: set[MapView],
+    targets: set[tuple[MapView, ViewState]],
+    changed: set[int],
+    pages: set[ElectionView],
+) -> tuple[
+    dict[MapView, Rendered], dict[tuple[MapView, ViewState], Rendered], dict[ElectionView, Rendered]
+]:
     updates = leadermap.update(changed, targets) if targets else {}
     snapshots = {view: leadermap.snapshot(view) for view in fresh}
-    return snapshots, updates
+    drawn = {view: Rendered(electionpage.fragments(view)) for view in pages}
+    return snapshots, updates, drawn
 
 
 #: The hub of the running event loop (one per server process).

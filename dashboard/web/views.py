@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.template.loader import render_to_string
 
-from dashboard.web import control, leadermap
-from elections import gaps
+from dashboard.web import electionpage, leadermap
 from elections.models import Election
 from elections.permissions import can_operate
 
@@ -40,17 +39,12 @@ def leader_map(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def election_detail(request: HttpRequest, name: str) -> HttpResponse:
-    election = get_object_or_404(Election.objects.select_related("leader"), name=name)
+    election = leadermap.elections().filter(name=name).first()
+    if election is None:
+        raise Http404("no such election")
+    hours = electionpage.window_hours(request.GET)
     return render(
         request,
         "elections/detail.html",
-        {
-            "e": election,
-            **leadermap.row_context(leadermap.elections([election.pk]).get()),
-            "terms": election.terms.select_related("leader")[:50],
-            "gaps": gaps.stats(election),
-            "commands": control.recent_commands(election),
-            "can_operate": can_operate(request.user),
-            "transitions": election.transitions.select_related("agent")[:100],
-        },
+        {**electionpage.context(election, hours), "can_operate": can_operate(request.user)},
     )
