@@ -1,43 +1,11 @@
-from django.contrib import admin
-from django.contrib.auth import views as auth_views
-from django.urls import path
+"""Each room lists its own URLs: the browser UI (``dashboard.web``), the JSON API and metrics
+(``dashboard.api``), and Django's admin."""
 
-from dashboard.api import control as api_control
-from dashboard.api import elections as api
-from dashboard.api import metrics
-from dashboard.web import agents, audit, control, login, views
+from django.contrib import admin
+from django.urls import include, path
 
 urlpatterns = [
-    path("", views.leader_map, name="map"),
-    path("elections/<path:name>/step-down", control.stepdown, name="stepdown"),
-    path("elections/<path:name>/pause", control.pause, name="pause"),
-    path("elections/<path:name>/forget", agents.forget_election, name="forget-election"),
-    path("elections/<path:name>/", views.election_detail, name="election"),
-    path("agents/", agents.agent_list, name="agents"),
-    path("agents/<str:agent_id>/", agents.agent_detail, name="agent"),
-    path("agents/<str:agent_id>/forget", agents.forget_agent, name="forget-agent"),
-    path("memberships/<int:pk>/forget", agents.forget_membership, name="forget-membership"),
-    path("commands/<int:pk>/cancel", control.cancel, name="cancel-command"),
-    path("login/", login.LoginView.as_view(), name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("api/v1/elections", api.elections, name="api-elections"),
-    path("api/v1/elections/<path:name>/terms", api.terms, name="api-terms"),
-    path("api/v1/elections/<path:name>/step-down", api_control.stepdown, name="api-stepdown"),
-    path("api/v1/elections/<path:name>/pause", api_control.pause, name="api-pause"),
-    path("api/v1/elections/<path:name>", api.election, name="api-election"),
-    path("api/v1/agents", api.agents, name="api-agents"),
-    path("api/v1/audit", api.audit, name="api-audit"),
-    path("audit/", audit.audit_log, name="audit"),
-    *(
-        path(
-            f"{kind}/export.{fmt}",
-            audit.export,
-            {"kind": kind, "fmt": fmt},
-            name=f"{kind}-export-{fmt}",
-        )
-        for kind in ("audit", "transitions", "terms")
-        for fmt in ("csv", "ndjson")
-    ),
-    path("metrics", metrics.metrics, name="metrics"),
+    path("", include("dashboard.api.urls")),
+    path("", include("dashboard.web.urls")),
     path("admin/", admin.site.urls),
 ]
